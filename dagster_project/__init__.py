@@ -1,0 +1,3 @@
+from .definitions import defs
+
+__all__ = ["defs"]

@@ -1,0 +1,152 @@
+"""The engine loop: admit requests, then schedule -> run -> postprocess until every request is done."""
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+from engine.adapters import AdapterStore
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestOutput
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger("lorafleet.engine")
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    decode_steps: int = 0
+    adapters_per_decode_step: int = 0   # summed; divide by decode_steps for the mean
+    adapter_loads: int = 0
+    adapter_bytes_loaded: int = 0
+    adapter_reads: int = 0
+    peak_pool_pages_used: int = 0
+    pool_pages: int = 0
+    preemptions: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_seed(request_id: str) -> int:
+    """Unseeded sampling still repeats on a rerun (resume must reproduce outputs)."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = Tokenizer(config.model, config.storage_options)
+        self.runner = ModelRunner(config)
+        args = self.runner.args
+        self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
+                                 args.sliding_window or args.max_position_embeddings)
+        self.adapter_store = AdapterStore(config.adapters, args, config.torch_dtype, config.max_lora_rank,
+                                          config.host_cache_bytes, config.storage_options,
+                                          pin_memory=config.device.startswith("cuda"))
+        self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store)
+        self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
+
+    def add_request(self, request: Request) -> RequestOutput | None:
+        """Queue a request; a request that can never run comes back at once as an error output."""
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+        elif request.prompt:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            return RequestOutput.failed(request, "empty prompt: give a non-empty prompt or prompt_token_ids")
+        vocab = self.runner.args.vocab_size
+        if not ids:
+            return RequestOutput.failed(request, "the prompt encodes to no tokens")
+        if any(not 0 <= t < vocab for t in ids):
+            return RequestOutput.failed(request, f"prompt_token_ids outside the vocabulary [0, {vocab})", len(ids))
+        if len(ids) >= self.max_model_len:
+            return RequestOutput.failed(request, f"prompt has {len(ids)} tokens; the context allows "
+                                                 f"{self.max_model_len} (prompt + at least one new token)", len(ids))
+        max_new = min(request.sampling.max_new_tokens, self.max_model_len - len(ids))
+        pool = self.runner.pool
+        if pool.blocks_needed(len(ids) + max_new) > pool.num_pages:
+            return RequestOutput.failed(request, f"needs {pool.blocks_needed(len(ids) + max_new)} KV pages; the pool "
+                                                 f"has {pool.num_pages} in all (raise num_pages)", len(ids))
+        seed = request.sampling.seed if request.sampling.seed is not None else default_seed(request.request_id)
+        self.scheduler.add(Sequence(request, ids, max_new, seed))
+        return None
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler
+        self.adapter_store.prefetch(sched.upcoming_adapters(4))   # read the next adapters while we compute
+        seqs, is_prefill = sched.schedule()
+        outputs = [self._output(seq, error) for seq, error in sched.failed]
+        sched.failed.clear()
+        if not seqs:
+            if not outputs and sched.waiting and not sched.running:
+                # Nothing runs and nothing can be admitted: the head of the queue cannot fit at all.
+                seq = sched.waiting.popleft()
+                outputs.append(self._output(seq, "does not fit in the page pool next to its adapter"))
+            return outputs
+        tokens = self.runner.run(seqs, is_prefill)
+        self.stats.steps += 1
+        if is_prefill:
+            self.stats.prompt_tokens += sum(s.num_tokens for s in seqs)
+        else:
+            self.stats.decode_steps += 1
+            self.stats.adapters_per_decode_step += len({s.adapter_id for s in seqs if s.adapter_id})
+        for seq, token in zip(seqs, tokens):
+            if self._append(seq, token):
+                outputs.append(self._output(seq))
+                sched.finish(seq)
+        self._collect_stats()
+        return outputs
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Add a token; True when the sequence is done (EOS, stop string or length)."""
+        seq.token_ids.append(token)
+        self.stats.output_tokens += 1
+        if token in self.tokenizer.eos_token_ids:
+            seq.finish_reason = "stop"
+            return True
+        if seq.sampling.stop:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            hits = [i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0]
+            if hits:
+                seq.output_text, seq.finish_reason = text[:min(hits)], "stop"
+                return True
+        if seq.num_output_tokens >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
+        if error is not None:
+            return RequestOutput.failed(seq.request, error, seq.num_prompt_tokens)
+        text = seq.output_text if seq.output_text is not None else self.tokenizer.decode(seq.output_token_ids)
+        sha = self.runner.adapters.sha256(seq.adapter_id) if seq.adapter_id else None
+        return RequestOutput(seq.request_id, seq.adapter_id, text, seq.output_token_ids, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.finish_reason, None, sha)
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+        """Run requests to completion, yielding each output as soon as it finishes (in any order)."""
+        for request in requests:
+            failed = self.add_request(request)
+            if failed is not None:
+                yield failed
+        started = time.perf_counter()
+        while not self.scheduler.is_finished():
+            yield from self.step()
+        log.info("engine done in %.1fs: %s", time.perf_counter() - started, self.stats)
+
+    def _collect_stats(self) -> None:
+        adapters, pool = self.runner.adapters, self.runner.pool
+        self.stats.adapter_loads, self.stats.adapter_bytes_loaded = adapters.loads, adapters.bytes_loaded
+        self.stats.adapter_reads = self.adapter_store.reads
+        self.stats.peak_pool_pages_used = pool.peak_used
+        self.stats.preemptions = self.scheduler.preemptions
+
+    def close(self) -> None:
+        self.adapter_store.close()

@@ -1,0 +1,79 @@
+"""Owns the device: the model, the page pool, resident adapters; turns a batch of sequences into tokens."""
+import torch
+
+from engine.adapter_memory import ResidentAdapters
+from engine.config import EngineConfig
+from engine.loader import load_model
+from engine.lora import LoraBatch
+from engine.model import Batch
+from engine.page_pool import PagePool
+from engine.sampling import sample_next_tokens
+from engine.sequence import Sequence
+from kernels import kernel_ops
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config, self.device = config, config.device
+        self.model = load_model(config.model, config.torch_dtype, config.device, config.storage_options)
+        self.args = args = self.model.args
+        self.ops = kernel_ops(config.use_triton)
+        block_size = config.block_size
+        # A page must hold the longest adapter row; grow the KV block until it does.
+        longest_row = max(args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim)
+        while PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim) < longest_row:
+            block_size *= 2
+        page_bytes = PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim) \
+            * torch.finfo(config.torch_dtype).bits // 8
+        self.pool = PagePool(config.num_pages or self._default_num_pages(page_bytes), args.num_layers, block_size,
+                             args.num_kv_heads, args.head_dim, config.torch_dtype, config.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.pool.kv_cache(i)
+        self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
+                                         config.device)
+
+    def _default_num_pages(self, page_bytes: int) -> int:
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+            return int(free * self.config.pool_memory_fraction) // page_bytes
+        return max(self.config.cpu_pool_bytes // page_bytes, 8)
+
+    def _slot_of(self, seq: Sequence) -> int:
+        return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One forward pass over the batch; returns each sequence's next token."""
+        block_size = self.pool.block_size
+        if is_prefill:
+            # Prefill feeds every token (a preempted sequence recomputes its generated tokens too).
+            input_ids, positions, slots, token_slots, cu = [], [], [], [], [0]
+            for seq in seqs:
+                n = seq.num_tokens
+                input_ids += seq.token_ids
+                positions += range(n)
+                slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(n)]
+                token_slots += [self._slot_of(seq)] * n
+                cu.append(cu[-1] + n)
+            batch = Batch(True, self._tensor(slots), self.ops, None, cu_seqlens=self._tensor(cu, torch.int32),
+                          max_seqlen=max(s.num_tokens for s in seqs))
+            last = self._tensor([c - 1 for c in cu[1:]])
+        else:
+            input_ids = [seq.last_token for seq in seqs]
+            positions = [seq.num_tokens - 1 for seq in seqs]
+            slots = [seq.block_table[p // block_size] * block_size + p % block_size
+                     for seq, p in zip(seqs, positions)]
+            token_slots = [self._slot_of(seq) for seq in seqs]
+            width = max(len(seq.block_table) for seq in seqs)
+            tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+            batch = Batch(False, self._tensor(slots), self.ops, None,
+                          block_tables=self._tensor(tables, torch.int32),
+                          context_lens=self._tensor([s.num_tokens for s in seqs], torch.int32))
+            last = None
+        batch.lora = LoraBatch(self.ops, self.adapters, token_slots, self.device)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
+        logits = self.model.compute_logits(hidden if last is None else hidden[last])
+        return sample_next_tokens(logits, seqs)

@@ -1,0 +1,48 @@
+"""What goes into the engine and what comes out: one request, one result."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    seed: int | None = None           # None: derived from request_id, so reruns repeat
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        assert self.max_new_tokens >= 1, "max_new_tokens must be >= 1"
+        assert self.temperature >= 0, "temperature must be >= 0"
+        assert 0 < self.top_p <= 1, "top_p must be in (0, 1]"
+        assert self.top_k >= 0, "top_k must be >= 0"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Request:
+    request_id: str
+    adapter_id: str | None                    # None = base model
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None  # used as-is when given
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    adapter_id: str | None
+    output_text: str | None
+    output_token_ids: list[int]
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str                 # "stop" | "length" | "error"
+    error: str | None = None
+    adapter_sha256: str | None = None
+
+    @classmethod
+    def failed(cls, request: Request, error: str, prompt_tokens: int = 0) -> "RequestOutput":
+        return cls(request.request_id, request.adapter_id, None, [], prompt_tokens, 0, "error", error)

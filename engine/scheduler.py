@@ -1,0 +1,144 @@
+"""Continuous batching over mixed adapters: decides each step's batch, loads and evicts adapters, preempts.
+
+Policy, in short:
+- at most `max_active_adapters` distinct adapters among running sequences (hence in any batch);
+- new work prefers adapters already active, then takes the waiting queue in order (the planner's order);
+- adapters with no running sequence stay resident until their pages are needed (LRU eviction), and are
+  evicted before any running sequence is preempted;
+- when KV pages run out during decode, the newest sequence is preempted and later recomputed.
+"""
+from collections import deque
+
+from engine.adapter_memory import ResidentAdapters
+from engine.adapters import AdapterError, AdapterStore
+from engine.config import EngineConfig
+from engine.page_pool import PagePool
+from engine.sequence import Sequence, SequenceStatus
+
+LOOKAHEAD = 4  # waiting sequences scanned per free batch place when looking for admissible work
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: PagePool, adapters: ResidentAdapters, store: AdapterStore):
+        self.max_num_seqs, self.max_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+        self.max_active = config.max_active_adapters
+        self.pool, self.adapters, self.store = pool, adapters, store
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.failed: list[tuple[Sequence, str]] = []   # sequences whose adapter could not be loaded
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def active_adapters(self) -> set[str]:
+        return {s.adapter_id for s in self.running if s.adapter_id is not None}
+
+    def upcoming_adapters(self, n: int) -> list[str]:
+        """The next n distinct adapters in the waiting queue that are not resident (for read-ahead)."""
+        upcoming = []
+        for seq in self.waiting:
+            a = seq.adapter_id
+            if a is not None and a not in self.adapters.resident and a not in upcoming:
+                upcoming.append(a)
+                if len(upcoming) == n:
+                    break
+        return upcoming
+
+    def _make_resident(self, adapter_id: str, active: set[str]) -> bool:
+        """Load an adapter, evicting idle ones (least recently used first) to make room."""
+        if adapter_id in self.adapters.resident:
+            self.adapters.touch(adapter_id)
+            return True
+        weights = self.store.get(adapter_id)   # AdapterError propagates to the caller
+        while not self.adapters.can_load(weights):
+            if not self._evict_idle(active):
+                return False
+        self.adapters.load(weights)
+        return True
+
+    def _evict_idle(self, active: set[str]) -> bool:
+        idle = next((a for a in self.adapters.resident if a not in active), None)
+        if idle is None:
+            return False
+        self.adapters.unload(idle)
+        return True
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        batch = self._schedule_prefill()
+        if batch:
+            return batch, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        batch, skipped, tokens = [], [], 0
+        active = self.active_adapters()
+        limit = LOOKAHEAD * self.max_num_seqs
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs and len(skipped) < limit:
+            seq = self.waiting.popleft()
+            a = seq.adapter_id
+            if a is not None and a not in active and len(active) >= self.max_active:
+                skipped.append(seq)   # look further for work of adapters already active
+                continue
+            while not self.pool.can_allocate_kv(seq) and self._evict_idle(active | {a}):
+                pass
+            if (batch and tokens + seq.num_tokens > self.max_batched_tokens) or not self.pool.can_allocate_kv(seq):
+                self.waiting.appendleft(seq)
+                break
+            if a is not None:
+                try:
+                    resident = self._make_resident(a, active)
+                except AdapterError as e:
+                    self.failed.append((seq, str(e)))
+                    continue
+                if not resident:
+                    self.waiting.appendleft(seq)
+                    break
+                active.add(a)
+            self.pool.allocate_kv(seq)
+            seq.status = SequenceStatus.RUNNING
+            batch.append(seq)
+            tokens += seq.num_tokens
+        self.waiting.extendleft(reversed(skipped))
+        self.running.extend(batch)
+        return self._by_adapter(batch)
+
+    def _schedule_decode(self) -> list[Sequence]:
+        batch = []
+        while self.running:
+            seq = self.running.pop(0)
+            while not self.pool.can_append_kv(seq):
+                in_use = {s.adapter_id for s in self.running + batch + [seq]}
+                if self._evict_idle(in_use):
+                    continue
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.pool.append_kv(seq)
+                batch.append(seq)
+        self.running = batch
+        return self._by_adapter(batch)
+
+    def _by_adapter(self, batch: list[Sequence]) -> list[Sequence]:
+        """Order a batch so each adapter's tokens are contiguous (long LoRA segments)."""
+        slot = {a: self.adapters.slot(a) for a in {s.adapter_id for s in batch} if a is not None}
+        return sorted(batch, key=lambda s: slot.get(s.adapter_id, -1))
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a sequence's KV and put it first in line; it is recomputed from its tokens later."""
+        self.pool.free_kv(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.pool.free_kv(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.running.remove(seq)

@@ -1,0 +1,23 @@
+"""Kernels the engine calls, each a Triton kernel beside a pure-torch reference of the same signature.
+
+`kernel_ops(use_triton)` picks one set; the engine uses Triton on CUDA and the references on CPU.
+Importing this package needs triton installed but no GPU (kernels compile on first launch); on CPU the
+Triton set runs only under TRITON_INTERPRET=1, which must be set before this package is imported.
+"""
+from types import SimpleNamespace
+
+from kernels.lora_expand import lora_expand, lora_expand_ref
+from kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
+from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+REFERENCE_OPS = SimpleNamespace(lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref,
+                                paged_attention_decode=paged_attention_decode_ref,
+                                prefill_attention=prefill_attention_ref)
+TRITON_OPS = SimpleNamespace(lora_shrink=lora_shrink, lora_expand=lora_expand,
+                             paged_attention_decode=paged_attention_decode,
+                             prefill_attention=prefill_attention)
+
+
+def kernel_ops(use_triton: bool) -> SimpleNamespace:
+    return TRITON_OPS if use_triton else REFERENCE_OPS

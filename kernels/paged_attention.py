@@ -1,0 +1,108 @@
+"""Decode attention over the paged KV cache: one new query token per sequence."""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Pure-torch reference.
+
+    q [B, Hq, D]; k_cache, v_cache [num_pages, block_size, Hkv, D] (may be strided views of the pool);
+    block_tables int32 [B, max_blocks] (page ids, -1 past the end); context_lens int32 [B].
+    out[b] = softmax(q[b] K_b^T * scale) V_b over the first context_lens[b] cached tokens (GQA: query
+    head h reads kv head h // (Hq // Hkv)). Returns [B, Hq, D] in q's dtype; zeros where
+    context_lens[b] == 0 (padding rows of a CUDA-graph batch).
+    """
+    batch, n_heads, _ = q.shape
+    block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        pages = block_tables[b, : (n + block_size - 1) // block_size].long()
+        k = k_cache[pages].flatten(0, 1)[:n]                        # [n, Hkv, D]
+        v = v_cache[pages].flatten(0, 1)[:n]
+        out[b] = F.scaled_dot_product_attention(
+            q[b].unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale,
+            enable_gqa=n_heads != n_kv_heads).squeeze(1)
+    return out
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
+                         block_size, max_blocks, head_dim, group,
+                         stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                         stride_ob, stride_oh,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    # grid: (sequence, kv head); the query heads of one GQA group share each K/V tile they read
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads = kv_head * group + tl.arange(0, BLOCK_G)
+    head_mask = tl.arange(0, BLOCK_G) < group
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_mask[:, None] & dim_mask[None, :], other=0.0)             # [G, D]
+    n_ctx = tl.load(context_lens_ptr + b)
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634                                          # exp -> exp2
+    for n0 in range(0, n_ctx, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_mask = pos < n_ctx
+        # a tile may span pages: look up each position's page, so block_size need not match BLOCK_N
+        pages = tl.load(block_tables_ptr + b * max_blocks + pos // block_size, mask=pos_mask, other=0)
+        in_page = pos % block_size
+        kv_mask = pos_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + pages[:, None].to(tl.int64) * stride_kp + in_page[:, None] * stride_kt
+                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(v_ptr + pages[:, None].to(tl.int64) * stride_vp + in_page[:, None] * stride_vt
+                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [G, N]
+        s = tl.where(pos_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                              # empty context -> 0
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+
+
+@torch.inference_mode()
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Triton version of paged_attention_decode_ref (same arguments and result).
+
+    Flash-style online softmax over the sequence's pages, one program per (sequence, kv head); no host
+    sync, so it can be captured in a CUDA graph (padding rows with context_lens 0 come out zero).
+    """
+    batch, n_heads, head_dim = q.shape
+    _, block_size, n_kv_heads, _ = k_cache.shape
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.stride(2) == 1
+    assert k_cache.dtype == v_cache.dtype == q.dtype and k_cache.shape == v_cache.shape
+    assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert n_heads % n_kv_heads == 0
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
+    assert block_tables.is_contiguous() and context_lens.dtype == torch.int32 and context_lens.shape == (batch,)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = n_heads // n_kv_heads
+    _paged_decode_kernel[(batch, n_kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+        block_size, block_tables.shape[1], head_dim, group,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return out
