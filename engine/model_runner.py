@@ -5,11 +5,30 @@ from engine.adapter_memory import ResidentAdapters
 from engine.config import EngineConfig
 from engine.loader import load_model
 from engine.lora import LoraBatch
-from engine.model import Batch
+from engine.model import Batch, ModelArgs
 from engine.page_pool import PagePool
 from engine.sampling import sample_next_tokens
 from engine.sequence import Sequence
 from kernels import kernel_ops
+
+
+def pool_geometry(config: EngineConfig, args: ModelArgs) -> tuple[int, int, int]:
+    """(block_size, page_numel, num_pages) of the page pool for this model and config."""
+    block_size = config.block_size
+    # A page must hold the longest adapter row; grow the KV block until it does.
+    longest_row = max(args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim)
+    while PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim) < longest_row:
+        block_size *= 2
+    page_numel = PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim)
+    page_bytes = page_numel * torch.finfo(config.torch_dtype).bits // 8
+    if config.num_pages:
+        num_pages = config.num_pages
+    elif config.device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()   # called after the weights are on the device
+        num_pages = int(free * config.pool_memory_fraction) // page_bytes
+    else:
+        num_pages = max(config.cpu_pool_bytes // page_bytes, 8)
+    return block_size, page_numel, num_pages
 
 
 class ModelRunner:
@@ -18,25 +37,13 @@ class ModelRunner:
         self.model = load_model(config.model, config.torch_dtype, config.device, config.storage_options)
         self.args = args = self.model.args
         self.ops = kernel_ops(config.use_triton)
-        block_size = config.block_size
-        # A page must hold the longest adapter row; grow the KV block until it does.
-        longest_row = max(args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim)
-        while PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim) < longest_row:
-            block_size *= 2
-        page_bytes = PagePool.page_numel_for(args.num_layers, block_size, args.num_kv_heads, args.head_dim) \
-            * torch.finfo(config.torch_dtype).bits // 8
-        self.pool = PagePool(config.num_pages or self._default_num_pages(page_bytes), args.num_layers, block_size,
-                             args.num_kv_heads, args.head_dim, config.torch_dtype, config.device)
+        block_size, _, num_pages = pool_geometry(config, args)
+        self.pool = PagePool(num_pages, args.num_layers, block_size, args.num_kv_heads, args.head_dim,
+                             config.torch_dtype, config.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.pool.kv_cache(i)
         self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
                                          config.device)
-
-    def _default_num_pages(self, page_bytes: int) -> int:
-        if self.device.startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info()
-            return int(free * self.config.pool_memory_fraction) // page_bytes
-        return max(self.config.cpu_pool_bytes // page_bytes, 8)
 
     def _slot_of(self, seq: Sequence) -> int:
         return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
@@ -44,9 +51,13 @@ class ModelRunner:
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One forward pass over the batch; returns each sequence's next token."""
+        return sample_next_tokens(self.forward_logits(seqs, is_prefill), seqs)
+
+    @torch.inference_mode()
+    def forward_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Float32 logits [B, vocab] at each sequence's last token."""
         block_size = self.pool.block_size
         if is_prefill:
             # Prefill feeds every token (a preempted sequence recomputes its generated tokens too).
@@ -75,5 +86,4 @@ class ModelRunner:
             last = None
         batch.lora = LoraBatch(self.ops, self.adapters, token_slots, self.device)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
-        logits = self.model.compute_logits(hidden if last is None else hidden[last])
-        return sample_next_tokens(logits, seqs)
+        return self.model.compute_logits(hidden if last is None else hidden[last])

@@ -83,9 +83,7 @@ class Scheduler:
             if a is not None and a not in active and len(active) >= self.max_active:
                 skipped.append(seq)   # look further for work of adapters already active
                 continue
-            while not self.pool.can_allocate_kv(seq) and self._evict_idle(active | {a}):
-                pass
-            if (batch and tokens + seq.num_tokens > self.max_batched_tokens) or not self.pool.can_allocate_kv(seq):
+            if batch and tokens + seq.num_tokens > self.max_batched_tokens:
                 self.waiting.appendleft(seq)
                 break
             if a is not None:
@@ -97,6 +95,12 @@ class Scheduler:
                 if not resident:
                     self.waiting.appendleft(seq)
                     break
+            while not self.pool.can_allocate_kv(seq) and self._evict_idle(active | {a}):
+                pass
+            if not self.pool.can_allocate_kv(seq):
+                self.waiting.appendleft(seq)
+                break
+            if a is not None:
                 active.add(a)
             self.pool.allocate_kv(seq)
             seq.status = SequenceStatus.RUNNING

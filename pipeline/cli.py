@@ -1,0 +1,109 @@
+"""`lorafleet run | plan | report`: the same calls Dagster makes, for people without Dagster.
+
+Exit codes of `run`: 0 every row succeeded, 1 some rows failed (they are error rows), 2 the run could
+not start (usage, unreadable table, wrong schema, output locked, model unreadable).
+"""
+import argparse
+import json
+import logging
+import sys
+
+from engine.config import EngineConfig
+from pipeline.results import OutputLocked
+from pipeline.schema import TableError
+
+log = logging.getLogger("lorafleet")
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--storage-option wants key=value, got {text!r}")
+    try:
+        return key, json.loads(value)     # numbers, booleans and {"nested": "dicts"}
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF checkpoint directory (any fsspec URL)")
+    p.add_argument("--adapters", help="adapter root: <root>/<adapter_id>/adapter_model.safetensors")
+    p.add_argument("--requests", required=True, help="request Parquet file or directory (any fsspec URL)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-active-adapters", type=int, help="distinct adapters in one batch (default 8)")
+    p.add_argument("--max-resident-adapters", type=int, help="adapters kept in the device pool (default 64)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences in one batch (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens in one prefill (default 4096)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
+    p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
+    p.add_argument("--num-pages", type=int, help="page pool size (default: from free memory)")
+    p.add_argument("--max-new-tokens", dest="default_max_new_tokens", type=int,
+                   help="default for rows without max_new_tokens (default 128)")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option, default=[],
+                   metavar="KEY=VALUE", help="fsspec option for every URL, e.g. endpoint_url=http://127.0.0.1:9000")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    values = dict(vars(args), storage_options=dict(args.storage_options))
+    return EngineConfig.from_kwargs(**values)
+
+
+def _cmd_run(args) -> int:
+    from pipeline.run import run_requests
+    summary = run_requests(_config(args), args.requests, args.output, run_id=args.run_id,
+                           progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    return 1 if summary.rows_failed else 0
+
+
+def _cmd_plan(args) -> int:
+    from pipeline.run import plan_run
+    plan = plan_run(_config(args), args.requests)
+    print(plan.to_json() if args.json else plan.format_table())
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pipeline.report import report
+    report(args.root, args.date, args.png)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate a result row for every request")
+    _engine_args(run)
+    run.add_argument("--output", required=True, help="results directory (any fsspec URL); a rerun resumes")
+    run.add_argument("--run-id", help="default: a timestamp")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+    plan = sub.add_parser("plan", help="print the waves a run would follow, without running it")
+    _engine_args(plan)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_cmd_plan)
+    rep = sub.add_parser("report", help="per-adapter metrics of a deployment root, with regressions")
+    rep.add_argument("root", help="deployment root URL (holds results/ and metrics/)")
+    rep.add_argument("--date", help="YYYY-MM-DD (default: the latest night)")
+    rep.add_argument("--png", help="chart path (default: <root>/metrics/scores.png)")
+    rep.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (TableError, OutputLocked, ValueError, FileNotFoundError) as e:
+        # Raised before any row ran: the run could not start. One line, no traceback.
+        print(f"lorafleet: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

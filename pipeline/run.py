@@ -1,0 +1,191 @@
+"""One run: request table -> plan -> engine -> committed result shards + run records.
+
+The CLI and Dagster both call `run_requests` / `plan_run`; nothing else holds pipeline logic.
+"""
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from tqdm import tqdm
+
+from engine.adapter_memory import adapter_pieces, row_layout
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import load_model_args, read_json
+from engine.model import ModelArgs
+from engine.model_runner import pool_geometry
+from engine.request import Request
+from engine.tokenizer import Tokenizer
+from pipeline.plan import Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.requests import ParsedRequests, parse_requests, read_request_table
+from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
+
+LOG = logging.getLogger("lorafleet")
+LOG_EVERY_S = 10.0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output_url: str
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0          # committed by an earlier run of the same output
+    duplicates: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    distinct_adapters: int = 0
+    adapter_loads: int = 0
+    adapter_bytes_loaded: int = 0
+    peak_pool_pages_used: int = 0
+    pool_pages: int = 0
+    preemptions: int = 0
+    mean_adapters_per_decode_step: float = 0.0
+    wall_s: float = 0.0
+    output_tokens_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """What the CLI prints at the end."""
+        return [f"rows ok {self.rows_ok:,}  failed {self.rows_failed:,}  skipped (already done) {self.rows_skipped:,}"
+                + (f"  duplicate ids {len(self.duplicates):,}" if self.duplicates else ""),
+                f"tokens: prompt {self.prompt_tokens:,}  output {self.output_tokens:,}  "
+                f"({self.output_tokens_per_s:,.1f} output tokens/s)",
+                f"adapters: {self.distinct_adapters:,} distinct, {self.adapter_loads:,} loads, "
+                f"{self.adapter_bytes_loaded / 2**20:,.1f} MiB loaded, "
+                f"{self.mean_adapters_per_decode_step:.1f} per decode step",
+                f"pool: peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} pages; "
+                f"preemptions {self.preemptions:,}",
+                f"wall time {self.wall_s:,.1f}s  ->  {self.output_url}"]
+
+
+def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int, adapter_id: str) -> int:
+    """Pages an adapter will take, from its adapter_config.json alone (no weights read)."""
+    cfg = read_json(f"{config.adapters.rstrip('/')}/{adapter_id}/adapter_config.json", config.storage_options,
+                    missing_ok=True) if config.adapters else None
+    if not cfg:
+        return 1   # it will fail when loaded; its rows become error rows
+    targets = cfg.get("target_modules") or []
+    modules = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+               if isinstance(targets, str) or m in targets]
+    ranks = {(layer, m): int(cfg.get("r", 8)) for layer in range(args.num_layers) for m in modules}
+    return row_layout(adapter_pieces(args, ranks), page_numel)[1]
+
+
+def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],
+               prompt_lens: dict[str, int]) -> Plan:
+    """Plan `requests` for a pool of geometry (block_size, page_numel, num_pages)."""
+    block_size, page_numel, num_pages = geometry
+    adapters = sorted({r.adapter_id for r in requests if r.adapter_id is not None})
+    pages = {a: adapter_page_estimate(config, args, page_numel, a) for a in adapters}
+    items = [PlanItem(r.request_id, r.adapter_id, prompt_lens[r.request_id], r.sampling.max_new_tokens)
+             for r in requests]
+    mean_tokens = sum(i.est_tokens for i in items) / max(len(items), 1)
+    kv_pages = min(num_pages - 1, int(config.max_num_seqs * (mean_tokens / block_size + 1)))
+    budget = PlanBudget(adapter_pages=max(num_pages - kv_pages, num_pages // 4, 1), kv_pages=max(kv_pages, 1),
+                        max_active_adapters=config.max_active_adapters, block_size=block_size)
+    return plan_waves(items, pages, budget)
+
+
+def _tokenize(tokenizer: Tokenizer, requests: list[Request]) -> dict[str, int]:
+    """Tokenize once, here: the plan needs prompt lengths and the engine then uses the ids as given."""
+    for r in requests:
+        if r.prompt_token_ids is None:
+            r.prompt_token_ids = tokenizer.encode(r.prompt)
+    return {r.request_id: len(r.prompt_token_ids) for r in requests}
+
+
+def _read(config: EngineConfig, requests_url: str) -> ParsedRequests:
+    return parse_requests(read_request_table(requests_url, config.storage_options), config.default_max_new_tokens)
+
+
+def plan_run(config: EngineConfig, requests_url: str) -> Plan:
+    """The plan a run would follow, without loading the model weights."""
+    parsed = _read(config, requests_url)
+    prompt_lens = _tokenize(Tokenizer(config.model, config.storage_options), parsed.requests)
+    args = load_model_args(config.model, config.storage_options)
+    return build_plan(config, args, pool_geometry(config, args), parsed.requests, prompt_lens)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, run_id: str | None = None,
+                 progress: bool = True, log: logging.Logger | None = None) -> RunSummary:
+    """Generate a result row for every request not yet committed under output_url.
+
+    Raises pipeline.schema.TableError (the table cannot be a request table) or
+    pipeline.results.OutputLocked (another run writes this output) before any work."""
+    log = log or LOG
+    started = time.perf_counter()
+    run_id = run_id or new_run_id()
+    so = config.storage_options
+    parsed = _read(config, requests_url)
+    summary = RunSummary(run_id, output_url, duplicates=parsed.duplicates)
+    for rid in parsed.duplicates:
+        log.warning("duplicate request_id %r: only its first row is run", rid)
+    with output_lock(output_url, so):
+        store = ResultStore(output_url, so)
+        done = store.committed_ids()
+        todo = [r for r in parsed.requests if r.request_id not in done]
+        rejected = [o for o in parsed.rejected if o.request_id not in done]
+        summary.rows_skipped = len(parsed.requests) + len(parsed.rejected) - len(todo) - len(rejected)
+        log.info("run %s: %d requests (%d already done, %d invalid rows) -> %s", run_id, len(todo),
+                 summary.rows_skipped, len(rejected), output_url)
+        engine = Engine(config)
+        try:
+            pool = engine.runner.pool
+            plan = build_plan(config, engine.runner.args, (pool.block_size, pool.page_numel, pool.num_pages), todo,
+                              _tokenize(engine.tokenizer, todo))
+            write_run_record(output_url, run_id, "plan.json", plan.to_json(), so)
+            by_id = {r.request_id: r for r in todo}
+            ordered = [by_id[rid] for rid in plan.request_order()]
+            summary.distinct_adapters = len({r.adapter_id for r in todo if r.adapter_id})
+            with ShardWriter(store, run_id, config.model, parsed.extra_columns,
+                             extra_schema=parsed.extra_schema) as writer:
+                for output in rejected:
+                    writer.add(output)
+                _generate(engine, ordered, writer, summary, progress, log)
+        finally:
+            engine.close()
+        for output in rejected:
+            log.warning("row %s failed: %s", output.request_id, output.error)
+        summary.rows_failed += len(rejected)
+        stats = engine.stats
+        summary.prompt_tokens, summary.output_tokens = stats.prompt_tokens, stats.output_tokens
+        summary.adapter_loads, summary.adapter_bytes_loaded = stats.adapter_loads, stats.adapter_bytes_loaded
+        summary.peak_pool_pages_used, summary.pool_pages = stats.peak_pool_pages_used, stats.pool_pages
+        summary.preemptions = stats.preemptions
+        summary.mean_adapters_per_decode_step = stats.adapters_per_decode_step / max(stats.decode_steps, 1)
+        summary.wall_s = time.perf_counter() - started
+        summary.output_tokens_per_s = stats.output_tokens / summary.wall_s
+        write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so)
+    return summary
+
+
+def _generate(engine: Engine, requests: list[Request], writer: ShardWriter, summary: RunSummary, progress: bool,
+              log: logging.Logger) -> None:
+    bar = tqdm(total=len(requests), unit="req", desc="generating", disable=not progress, dynamic_ncols=True)
+    started = last_log = time.perf_counter()
+    for output in engine.generate(requests):
+        writer.add(output)
+        if output.finish_reason == "error":
+            summary.rows_failed += 1
+            log.warning("row %s failed: %s", output.request_id, output.error)
+        else:
+            summary.rows_ok += 1
+        bar.update(1)
+        now = time.perf_counter()
+        rate = engine.stats.output_tokens / max(now - started, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tok/s, {engine.runner.adapters.loads} adapter loads", refresh=False)
+        if now - last_log >= LOG_EVERY_S:
+            last_log = now
+            log.info("%d/%d requests, %.0f output tokens/s, %d adapter loads", bar.n, len(requests), rate,
+                     engine.runner.adapters.loads)
+    bar.close()

@@ -1,0 +1,52 @@
+"""Session-wide tiny fleets: a random checkpoint per architecture and PEFT adapters of mixed ranks."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import build_adapter, build_checkpoint
+
+# adapter id -> build_adapter kwargs: ranks 1 to 64, partial target sets, regex and all-linear targets, rsLoRA
+ADAPTERS = {
+    "r1-q": dict(rank=1, alpha=2, targets=["q_proj"], seed=11),
+    "r8-qv": dict(rank=8, alpha=16, targets=["q_proj", "v_proj"], seed=12),
+    "r16-all-rs": dict(rank=16, alpha=8, targets="all-linear", use_rslora=True, seed=13, init_std=0.1),
+    "r64-mlp-o": dict(rank=64, alpha=32, targets=["o_proj", "gate_proj", "up_proj", "down_proj"], seed=14,
+                      init_std=0.06),
+    "r4-regex-kv": dict(rank=4, alpha=4, targets=r".*\.(k_proj|v_proj)", seed=15),
+}
+ARCHS = {
+    # Llama: untied embeddings, llama3 rope scaling. Qwen2: tied embeddings, q/k/v biases.
+    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(tie=True),
+}
+
+
+@dataclass
+class Fleet:
+    arch: str
+    model: Path
+    adapters: Path
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        return list(ADAPTERS)
+
+
+def build_fleet(root: Path, arch: str) -> Fleet:
+    model = build_checkpoint(root / "model", arch, **ARCHS[arch])
+    for adapter_id, kwargs in ADAPTERS.items():
+        build_adapter(root / "adapters" / adapter_id, model, **kwargs)
+    return Fleet(arch, model, root / "adapters")
+
+
+@pytest.fixture(scope="session", params=list(ARCHS))
+def fleet(request, tmp_path_factory) -> Fleet:
+    """One tiny checkpoint + five adapters per architecture (built once per session)."""
+    return build_fleet(tmp_path_factory.mktemp(f"fleet-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_fleet(tmp_path_factory) -> Fleet:
+    return build_fleet(tmp_path_factory.mktemp("fleet-llama-only"), "llama")
