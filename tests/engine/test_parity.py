@@ -9,47 +9,19 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Request, SamplingParams
 from engine.sequence import Sequence
+from tests.oracle import load_oracle, oracle_generate
+from tests.oracle import mixed_requests as make_requests
 
 NEW_TOKENS = 10
-EOS = 2
-
-
-def mixed_requests(adapter_ids: list[str], n: int, seed: int = 0) -> list[Request]:
-    """Prompts of varied lengths; adapters round-robin with base-model rows mixed in."""
-    g = torch.Generator().manual_seed(seed)
-    choices = [None] + adapter_ids
-    return [Request(f"r{i}", choices[i % len(choices)],
-                    prompt_token_ids=torch.randint(4, 124, (int(torch.randint(2, 20, (1,), generator=g)),),
-                                                   generator=g).tolist(),
-                    sampling=SamplingParams(max_new_tokens=NEW_TOKENS))
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def oracle(fleet):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(fleet.model, dtype=torch.float32)
-    first, *rest = fleet.adapter_ids
-    model = PeftModel.from_pretrained(base, fleet.adapters / first, adapter_name=first)
-    for adapter_id in rest:
-        model.load_adapter(fleet.adapters / adapter_id, adapter_name=adapter_id)
-    return model.eval()
+    return load_oracle(fleet.model, fleet.adapters, fleet.adapter_ids)
 
 
-def oracle_generate(model, requests: list[Request]) -> list[list[int]]:
-    """One left-padded mixed-adapter batch through PEFT; tokens cut after the first EOS."""
-    width = max(len(r.prompt_token_ids) for r in requests)
-    ids = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in requests])
-    mask = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids) for r in requests])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             adapter_names=[r.adapter_id or "__base__" for r in requests], eos_token_id=EOS,
-                             pad_token_id=0)
-    tokens = []
-    for row in out[:, width:].tolist():
-        tokens.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return tokens
+def mixed_requests(adapter_ids, n, seed=0):
+    return make_requests(adapter_ids, n, NEW_TOKENS, seed)
 
 
 def make_engine(fleet, **overrides) -> Engine:
@@ -59,7 +31,7 @@ def make_engine(fleet, **overrides) -> Engine:
 
 def test_greedy_tokens_match_peft_mixed_batch(fleet, oracle):
     requests = mixed_requests(fleet.adapter_ids, 18)
-    expected = oracle_generate(oracle, requests)
+    expected = oracle_generate(oracle, requests, NEW_TOKENS)
     engine = make_engine(fleet, max_active_adapters=3, max_num_seqs=7)
     outputs = {o.request_id: o for o in engine.generate(requests)}
     assert all(o.error is None for o in outputs.values())

@@ -1,0 +1,118 @@
+"""Adapter validation: what PEFT can write that we refuse, each with a message that says why."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.adapters import AdapterError, AdapterStore, read_adapter
+from engine.loader import load_model_args
+from tests.checkpoints import build_adapter, build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    build_checkpoint(root / "model", "llama")
+    build_checkpoint(root / "wider", "llama", hidden=96, heads=4, kv_heads=2)
+    return root
+
+
+def read(base, adapter_id, root=None):
+    args = load_model_args(str(base / "model"))
+    return read_adapter(str(root or base / "adapters"), adapter_id, args, torch.float32, max_rank=64)
+
+
+def test_reads_rank_alpha_rslora_and_targets(base):
+    build_adapter(base / "adapters" / "ok", base / "model", rank=4, alpha=12, targets=["q_proj", "down_proj"],
+                  use_rslora=True)
+    weights = read(base, "ok")
+    assert sorted({m for _, m in weights.modules}) == ["down_proj", "q_proj"]
+    a_t, b, scale = weights.modules[(1, "down_proj")]
+    assert a_t.shape == (4, 128) and b.shape == (4, 64)
+    assert scale == pytest.approx(12 / 2)   # rsLoRA: alpha / sqrt(r)
+    assert len(weights.sha256) == 64
+
+
+def test_rank_and_alpha_patterns_give_per_module_ranks(base):
+    build_adapter(base / "adapters" / "patterns", base / "model", rank=4, alpha=8, targets=["q_proj", "v_proj"],
+                  rank_pattern={"v_proj": 16}, alpha_pattern={"v_proj": 4})
+    weights = read(base, "patterns")
+    assert weights.modules[(0, "q_proj")][0].shape[0] == 4 and weights.modules[(0, "q_proj")][2] == 2.0
+    assert weights.modules[(0, "v_proj")][0].shape[0] == 16 and weights.modules[(0, "v_proj")][2] == 0.25
+
+
+@pytest.mark.parametrize("adapter_id, kwargs, message", [
+    ("dora", dict(use_dora=True), "DoRA"),
+    ("lm-head", dict(targets=["q_proj", "lm_head"]), "lm_head"),
+    ("embed", dict(targets=["q_proj", "embed_tokens"]), "embed_tokens"),
+    ("layers", dict(layers_to_transform=[0]), "layers_to_transform"),
+    ("bias", dict(bias="lora_only"), "bias"),
+])
+def test_unsupported_features_are_refused(base, adapter_id, kwargs, message):
+    build_adapter(base / "adapters" / adapter_id, base / "model", **kwargs)
+    with pytest.raises(AdapterError, match=message):
+        read(base, adapter_id)
+
+
+def test_adapter_of_another_base_is_refused_by_shape(base):
+    build_adapter(base / "adapters" / "wider", base / "wider")
+    with pytest.raises(AdapterError, match="do not fit the base model"):
+        read(base, "wider")
+
+
+@pytest.mark.parametrize("adapter_id", ["../model", "/etc", "a/b", "", "x" * 129, ".hidden"])
+def test_names_that_are_not_plain_never_touch_storage(base, adapter_id):
+    with pytest.raises(AdapterError, match="not a plain name"):
+        read(base, adapter_id)
+
+
+def test_broken_directories(base):
+    src = build_adapter(base / "adapters" / "good", base / "model")
+    no_config = shutil.copytree(src, base / "adapters" / "no-config")
+    (no_config / "adapter_config.json").unlink()
+    pickle_only = shutil.copytree(src, base / "adapters" / "pickle-only")
+    (pickle_only / "adapter_model.safetensors").rename(pickle_only / "adapter_model.bin")
+    truncated = shutil.copytree(src, base / "adapters" / "truncated")
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    bad_json = shutil.copytree(src, base / "adapters" / "bad-json")
+    (bad_json / "adapter_config.json").write_text("{not json")
+    for adapter_id, message in [("missing", "not found"), ("no-config", "no adapter_config.json"),
+                                ("pickle-only", "never unpickled"), ("truncated", "cannot be read"),
+                                ("bad-json", "cannot be read")]:
+        with pytest.raises(AdapterError, match=message):
+            read(base, adapter_id)
+
+
+def test_rank_above_the_engine_limit_is_refused(base):
+    build_adapter(base / "adapters" / "huge", base / "model", rank=96)
+    with pytest.raises(AdapterError, match="exceeds"):
+        read(base, "huge")
+
+
+def test_store_remembers_failures_and_evicts_by_bytes(base):
+    for i in range(3):
+        build_adapter(base / "adapters" / f"lru{i}", base / "model", rank=8, seed=i)
+    args = load_model_args(str(base / "model"))
+    one = read(base, "lru0").nbytes
+    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=2 * one)
+    for i in range(3):
+        store.get(f"lru{i}")
+    assert list(store._cache) == ["lru1", "lru2"]   # lru0 evicted: the cache holds two adapters' bytes
+    with pytest.raises(AdapterError):
+        store.get("missing")
+    (base / "adapters" / "missing").mkdir()        # the failure is remembered for the run: tried once
+    with pytest.raises(AdapterError, match="not found"):
+        store.get("missing")
+    store.prefetch(["lru0"])
+    assert store.get("lru0").adapter_id == "lru0" and store.reads == 4
+    store.close()
+
+
+def test_regex_target_modules_are_checked(base):
+    build_adapter(base / "adapters" / "regex-head", base / "model", targets=r".*(q_proj|lm_head)")
+    config = json.loads((base / "adapters" / "regex-head" / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)
+    with pytest.raises(AdapterError, match="lm_head"):
+        read(base, "regex-head")
