@@ -10,6 +10,7 @@ import sys
 
 from engine.config import EngineConfig
 from pipeline.results import OutputLocked
+from pipeline.run import RunNotStarted, plan_run, run_requests
 from pipeline.schema import TableError
 
 log = logging.getLogger("lorafleet")
@@ -45,23 +46,30 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+class UsageError(Exception):
+    """Arguments that parse but make no valid engine config."""
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
-    values = dict(vars(args), storage_options=dict(args.storage_options))
-    return EngineConfig.from_kwargs(**values)
+    try:
+        return EngineConfig.from_kwargs(**dict(vars(args), storage_options=dict(args.storage_options)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _cmd_run(args) -> int:
-    from pipeline.run import run_requests
     summary = run_requests(_config(args), args.requests, args.output, run_id=args.run_id,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, rows_per_shard=args.rows_per_shard)
     for line in summary.lines():
         print(line)
     return 1 if summary.rows_failed else 0
 
 
 def _cmd_plan(args) -> int:
-    from pipeline.run import plan_run
-    plan = plan_run(_config(args), args.requests)
+    try:
+        plan = plan_run(_config(args), args.requests)
+    except (ValueError, OSError) as e:
+        raise RunNotStarted(f"cannot plan: {type(e).__name__}: {e}") from e
     print(plan.to_json() if args.json else plan.format_table())
     return 0
 
@@ -80,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="results directory (any fsspec URL); a rerun resumes")
     run.add_argument("--run-id", help="default: a timestamp")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--rows-per-shard", type=int, default=256, help="rows per committed result shard")
     run.set_defaults(func=_cmd_run)
     plan = sub.add_parser("plan", help="print the waves a run would follow, without running it")
     _engine_args(plan)
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (TableError, OutputLocked, ValueError, FileNotFoundError) as e:
+    except (TableError, OutputLocked, RunNotStarted, UsageError) as e:
         # Raised before any row ran: the run could not start. One line, no traceback.
         print(f"lorafleet: error: {e}", file=sys.stderr)
         return 2

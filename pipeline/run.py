@@ -27,6 +27,10 @@ LOG = logging.getLogger("lorafleet")
 LOG_EVERY_S = 10.0
 
 
+class RunNotStarted(Exception):
+    """The run could not start (model or tokenizer unreadable); nothing was written."""
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -116,12 +120,19 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+def load_engine(config: EngineConfig) -> Engine:
+    try:
+        return Engine(config)
+    except (ValueError, OSError, KeyError) as e:
+        raise RunNotStarted(f"cannot load model {config.model}: {type(e).__name__}: {e}") from e
+
+
 def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, run_id: str | None = None,
-                 progress: bool = True, log: logging.Logger | None = None) -> RunSummary:
+                 progress: bool = True, log: logging.Logger | None = None, rows_per_shard: int = 256) -> RunSummary:
     """Generate a result row for every request not yet committed under output_url.
 
-    Raises pipeline.schema.TableError (the table cannot be a request table) or
-    pipeline.results.OutputLocked (another run writes this output) before any work."""
+    Raises, before any work: pipeline.schema.TableError (the table cannot be a request table),
+    pipeline.results.OutputLocked (another run writes this output) or RunNotStarted (model unreadable)."""
     log = log or LOG
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -138,7 +149,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
         summary.rows_skipped = len(parsed.requests) + len(parsed.rejected) - len(todo) - len(rejected)
         log.info("run %s: %d requests (%d already done, %d invalid rows) -> %s", run_id, len(todo),
                  summary.rows_skipped, len(rejected), output_url)
-        engine = Engine(config)
+        engine = load_engine(config)
         try:
             pool = engine.runner.pool
             plan = build_plan(config, engine.runner.args, (pool.block_size, pool.page_numel, pool.num_pages), todo,
@@ -147,7 +158,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             by_id = {r.request_id: r for r in todo}
             ordered = [by_id[rid] for rid in plan.request_order()]
             summary.distinct_adapters = len({r.adapter_id for r in todo if r.adapter_id})
-            with ShardWriter(store, run_id, config.model, parsed.extra_columns,
+            with ShardWriter(store, run_id, config.model, parsed.extra_columns, rows_per_shard=rows_per_shard,
                              extra_schema=parsed.extra_schema) as writer:
                 for output in rejected:
                     writer.add(output)

@@ -1,0 +1,189 @@
+"""`make demo`: a tiny fleet, three nights of evaluation, and a planted regression, in a few minutes on a CPU.
+
+    python -m pipeline.demo [--root demo_data] [--size small|full]
+
+1. Build a tiny Llama with a word-level tokenizer, pretrain it on copying (<root>/model).
+2. LoRA-train one adapter per synthetic task with PEFT, each with its own rank and target modules
+   (<root>/adapters/<adapter_id>/).
+3. Write the same evaluation set as each night's request table (<root>/requests/date=D/): every adapter
+   on its own task, and the base model (null adapter_id) on every task.
+4. Run each night through the pipeline (pipeline.run.run_requests, the call Dagster's `generations` makes)
+   and score it (pipeline.metrics.nightly_metrics). Before the last night the `sort` adapter is
+   republished from a short training run, as a deployment that ships a bad checkpoint would; the
+   metrics must flag it.
+5. Print the last night's table, the chart, and the command that opens the same data in Dagster.
+"""
+import argparse
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import polars as pl
+import torch
+from peft import LoraConfig
+from rich.console import Console
+
+from engine.config import EngineConfig
+from pipeline.demo_model import build_base_model, build_tokenizer, save_base_model, train, train_adapter
+from pipeline.demo_tasks import examples
+from pipeline.layout import requests_url, results_url
+from pipeline.metrics import nightly_metrics
+from pipeline.report import report
+from pipeline.run import run_requests
+from pipeline.storage import join
+
+SEED = 0
+EVAL_SEED = 10_000                     # the evaluation prompts, apart from every training seed
+MAX_NEW_TOKENS = 8                     # longest answer: 6 words and </s>
+
+
+@dataclass(frozen=True)
+class DemoAdapter:
+    adapter_id: str
+    task: str
+    lora: dict                         # LoraConfig kwargs
+
+
+ADAPTERS = [
+    DemoAdapter("reverse-r8", "reverse", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    DemoAdapter("sort-r16-rslora", "sort", dict(r=16, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
+    DemoAdapter("next-r4", "next", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj",
+                                                                          "up_proj", "down_proj"])),
+    DemoAdapter("upper-r8-mlp", "upper", dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj",
+                                                                                   "down_proj"])),
+    DemoAdapter("rotate-r2-attn", "rotate", dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                     "o_proj"])),
+]
+SWAPPED = "sort-r16-rslora"            # republished, undertrained, before the last night
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    pretrain_steps: int
+    adapter_steps: int
+    swapped_steps: int                 # the bad checkpoint's training run
+    eval_per_adapter: int              # prompts per adapter per night
+    eval_per_task_base: int            # prompts per task for the base model per night
+
+
+SIZES = {
+    "full": DemoSize(pretrain_steps=400, adapter_steps=300, swapped_steps=40, eval_per_adapter=32,
+                     eval_per_task_base=8),
+    "small": DemoSize(pretrain_steps=300, adapter_steps=200, swapped_steps=25, eval_per_adapter=12,
+                      eval_per_task_base=4),
+}
+
+
+@dataclass
+class DemoResult:
+    root: str
+    dates: list[str]
+    metrics: pl.DataFrame              # the last night's metrics
+    chart: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_dates(nights: int = 3) -> list[str]:
+    """The nights before today, so the Dagster partitions (up to yesterday) include them."""
+    today = datetime.now(timezone.utc).date()
+    return [(today - timedelta(days=nights - i)).isoformat() for i in range(nights)]
+
+
+def request_table(date: str, size: DemoSize) -> pl.DataFrame:
+    """The night's evaluation set: the same prompts every night, new request ids."""
+    rows = []
+    for adapter in ADAPTERS:
+        for i, (prompt, reference) in enumerate(examples(adapter.task, size.eval_per_adapter, seed=EVAL_SEED)):
+            rows.append((f"{date}/{adapter.adapter_id}/{i:03d}", adapter.adapter_id, prompt, reference, adapter.task))
+        for i, (prompt, reference) in enumerate(examples(adapter.task, size.eval_per_task_base, seed=EVAL_SEED)):
+            rows.append((f"{date}/base/{adapter.task}/{i:03d}", None, prompt, reference, adapter.task))
+    table = pl.DataFrame(rows, orient="row", schema={"request_id": pl.String, "adapter_id": pl.String,
+                                                     "prompt": pl.String, "reference": pl.String, "task": pl.String})
+    return table.with_columns(pl.lit(MAX_NEW_TOKENS, dtype=pl.Int32).alias("max_new_tokens")).select(
+        "request_id", "adapter_id", "prompt", "max_new_tokens", "reference", "task")
+
+
+def build_fleet(root: str, size: DemoSize, console: Console):
+    """Pretrain and save the base; train and save every adapter. Returns (base model, tokenizer)."""
+    tokenizer = build_tokenizer()
+    base = build_base_model(tokenizer, seed=SEED)
+    console.print(f"[bold]1/4[/] pretraining a {sum(p.numel() for p in base.parameters()):,}-parameter Llama "
+                  f"on copying ({size.pretrain_steps} steps)")
+    train(base, tokenizer, "copy", size.pretrain_steps, lr=3e-3, seed=SEED + 1, desc="pretrain base")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    save_base_model(base, tokenizer, join(root, "model"))
+    console.print(f"[bold]2/4[/] LoRA-training {len(ADAPTERS)} adapters ({size.adapter_steps} steps each)")
+    for i, adapter in enumerate(ADAPTERS):
+        loss = train_adapter(base, tokenizer, adapter.task, LoraConfig(lora_dropout=0.0, **adapter.lora),
+                             size.adapter_steps, seed=SEED + 100 + i, path=join(root, "adapters", adapter.adapter_id))
+        console.print(f"    {adapter.adapter_id:<16} task {adapter.task:<8} final loss {loss:.3f}")
+    return base, tokenizer
+
+
+def publish_swapped(root: str, base, tokenizer, size: DemoSize) -> None:
+    """Republish SWAPPED from a much shorter training run, in place, as a careless deploy would."""
+    adapter = next(a for a in ADAPTERS if a.adapter_id == SWAPPED)
+    path = join(root, "adapters", SWAPPED)
+    shutil.rmtree(path)
+    train_adapter(base, tokenizer, adapter.task, LoraConfig(lora_dropout=0.0, **adapter.lora), size.swapped_steps,
+                  seed=SEED + 999, path=path)
+
+
+def run_demo(root: str = "demo_data", size: str = "full", dates: list[str] | None = None,
+             console: Console | None = None, progress: bool = True) -> DemoResult:
+    console = console or Console()
+    sizes = SIZES[size]
+    dates = dates or default_dates()
+    root = os.path.abspath(root)
+    seed_everything(SEED)
+    for folder in ("model", "adapters", "requests", "results", "metrics"):   # a rerun starts clean
+        shutil.rmtree(join(root, folder), ignore_errors=True)
+    base, tokenizer = build_fleet(root, sizes, console)
+
+    console.print(f"[bold]3/4[/] three nights of requests: {', '.join(dates)}")
+    config = EngineConfig(model=join(root, "model"), adapters=join(root, "adapters"), device="cpu",
+                          dtype="float32", default_max_new_tokens=MAX_NEW_TOKENS)
+    for night, date in enumerate(dates):
+        if night == len(dates) - 1:
+            console.print(f"    [yellow]{date}: {SWAPPED} republished from a {sizes.swapped_steps}-step "
+                          f"training run (was {sizes.adapter_steps})[/]")
+            publish_swapped(root, base, tokenizer, sizes)
+        table = request_table(date, sizes)
+        os.makedirs(requests_url(root, date), exist_ok=True)
+        table.write_parquet(join(requests_url(root, date), "requests.parquet"))
+        summary = run_requests(config, requests_url(root, date), results_url(root, date), progress=progress,
+                               log=logging.getLogger("lorafleet.demo"))
+        nightly_metrics(root, date)
+        console.print(f"    {date}: {summary.rows_ok} ok, {summary.rows_failed} failed, "
+                      f"{summary.output_tokens_per_s:,.0f} output tokens/s")
+
+    console.print("[bold]4/4[/] the last night, compared with the night before")
+    chart = report(root, dates[-1], None, console=console)
+    metrics = pl.read_parquet(join(root, "metrics", f"date={dates[-1]}", "metrics.parquet"))
+    return DemoResult(root, dates, metrics, chart)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="demo_data", help="where the demo writes everything (default: demo_data)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    args = parser.parse_args(argv)
+    console = Console()
+    result = run_demo(args.root, args.size, console=console)
+    console.print(f"\nchart: {result.chart}")
+    console.print(f"results: polars.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)")
+    console.print(f"Dagster UI on these results: LORAFLEET_ROOT={result.root} make ui")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The demo's synthetic tasks: a small word vocabulary and what each task does to a list of words.
+
+A prompt reads `<task> : w1 w2 w3 =` and its reference is the task applied to the words,
+e.g. `reverse : cat dog fox =` -> `fox dog cat`. Words in one prompt are distinct, so every
+task has one right answer and a copy of the input is wrong for every task.
+"""
+import random
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS, UNK = SPECIAL_TOKENS
+
+WORDS = [  # alphabetical, so "sort" and "next" follow this order
+    "ant", "bee", "cat", "cow", "dog", "eel", "elk", "fox", "gnu", "hen", "jay", "kid",
+    "owl", "pig", "ram", "rat", "yak", "zebu",
+]
+NEXT_WORD = {w: WORDS[(i + 1) % len(WORDS)] for i, w in enumerate(WORDS)}
+
+TASKS = {
+    "copy": lambda words: list(words),           # the base model's pretraining task
+    "reverse": lambda words: words[::-1],
+    "sort": sorted,
+    "next": lambda words: [NEXT_WORD[w] for w in words],
+    "upper": lambda words: [w.upper() for w in words],
+    "rotate": lambda words: words[1:] + words[:1],
+}
+
+UPPER_WORDS = [w.upper() for w in WORDS]
+VOCAB = SPECIAL_TOKENS + [":", "="] + list(TASKS) + WORDS + UPPER_WORDS
+
+
+def prompt_text(task: str, words: list[str]) -> str:
+    return f"{task} : {' '.join(words)} ="
+
+
+def reference_text(task: str, words: list[str]) -> str:
+    return " ".join(TASKS[task](words))
+
+
+def sample_words(rng: random.Random, task: str, min_words: int = 3, max_words: int = 6) -> list[str]:
+    # copy runs over the upper-case words too, so the base knows every word the tasks answer with
+    vocabulary = WORDS + UPPER_WORDS if task == "copy" else WORDS
+    return rng.sample(vocabulary, rng.randint(min_words, max_words))
+
+
+def examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """n (prompt, reference) pairs for one task, the same for the same seed."""
+    rng = random.Random(f"{task}-{seed}")
+    pairs = []
+    for _ in range(n):
+        words = sample_words(rng, task)
+        pairs.append((prompt_text(task, words), reference_text(task, words)))
+    return pairs

@@ -1,0 +1,141 @@
+"""Per-adapter scores of one night, compared with the adapter's previous night.
+
+One metrics row per adapter and night. The base model (null adapter_id) keeps a null adapter_id,
+as in the results, and gets the label `<base>` in `adapter_label` (no adapter_id can start with `<`).
+
+Scores, where the results carry a `reference` column (rows without a reference are not scored):
+- exact_match: fraction of scored rows whose output equals the reference, both stripped of
+  surrounding whitespace. An error row (null output) counts as an empty output, so an adapter
+  that fails its rows scores low instead of dropping out.
+- chrf: sacrebleu's corpus-level chrF (character 6-grams, beta 2) over the scored rows, 0-100.
+Token counts (mean, p95 with linear interpolation) are over rows that did not fail.
+
+A regression against the previous night is a drop of more than `margin` in
+exact_match (fraction, 0-1), or in chrf / 100, or a rise of more than `margin` in error_rate.
+"""
+import io
+import posixpath
+
+import fsspec
+import polars as pl
+from sacrebleu.metrics import CHRF
+
+from pipeline.layout import metrics_url, results_url
+from pipeline.storage import filesystem, join, publish, visible_files
+
+BASE_LABEL = "<base>"
+SCORES = ("exact_match", "chrf", "error_rate")      # compared night over night
+SCORE_SCALE = {"exact_match": 1.0, "chrf": 100.0, "error_rate": 1.0}
+HIGHER_IS_BETTER = {"exact_match": True, "chrf": True, "error_rate": False}
+METRICS_FILE = "metrics.parquet"
+
+
+def chrf_score(hypotheses: list[str], references: list[str]) -> float:
+    return CHRF().corpus_score(hypotheses, [references]).score
+
+
+def _scores(group: pl.DataFrame) -> dict:
+    scored = group.filter(pl.col("reference").is_not_null())
+    if scored.height == 0:
+        return {"exact_match": None, "chrf": None}
+    hypotheses = [(text or "").strip() for text in scored["output_text"].to_list()]
+    references = [ref.strip() for ref in scored["reference"].to_list()]
+    exact = sum(h == r for h, r in zip(hypotheses, references)) / len(references)
+    return {"exact_match": exact, "chrf": chrf_score(hypotheses, references)}
+
+
+def score_groups(results: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Counts, token statistics and reference scores per group of `keys` (null keys form a group)."""
+    if "reference" not in results.columns:
+        results = results.with_columns(pl.lit(None, dtype=pl.String).alias("reference"))
+    failed = pl.col("finish_reason") == "error"
+    counts = results.group_by(keys, maintain_order=True).agg(
+        pl.len().cast(pl.Int64).alias("requests"),
+        failed.sum().cast(pl.Int64).alias("errors"),
+        pl.col("output_tokens").filter(~failed).mean().cast(pl.Float64).alias("mean_output_tokens"),
+        pl.col("output_tokens").filter(~failed).quantile(0.95, "linear").cast(pl.Float64).alias("p95_output_tokens"),
+    ).with_columns((pl.col("errors") / pl.col("requests")).alias("error_rate"))
+    scores = [{**dict(zip(keys, key)), **_scores(group)}
+              for key, group in results.group_by(keys, maintain_order=True)]
+    schema = {**{k: results.schema[k] for k in keys}, "exact_match": pl.Float64, "chrf": pl.Float64}
+    return counts.join(pl.DataFrame(scores, schema=schema), on=keys, how="left", nulls_equal=True)
+
+
+def compute_adapter_metrics(results: pl.DataFrame, date: str) -> pl.DataFrame:
+    """One row per adapter: date, adapter_id, adapter_label, task (the adapter's tasks, comma-joined,
+    null without a task column), requests, errors, error_rate, mean/p95 output tokens, exact_match, chrf."""
+    results = results.with_columns(pl.col("adapter_id").cast(pl.String))  # all-null columns read as Null
+    metrics = score_groups(results, ["adapter_id"])
+    tasks = (results.filter(pl.col("task").is_not_null()).group_by("adapter_id")
+             .agg(pl.col("task").unique().sort().str.join(",")) if "task" in results.columns
+             else pl.DataFrame(schema={"adapter_id": pl.String, "task": pl.String}))
+    metrics = metrics.join(tasks, on="adapter_id", how="left", nulls_equal=True)
+    return metrics.select(
+        pl.lit(date).alias("date"), "adapter_id",
+        pl.col("adapter_id").fill_null(BASE_LABEL).alias("adapter_label"), "task",
+        "requests", "errors", "error_rate", "mean_output_tokens", "p95_output_tokens", "exact_match", "chrf",
+    ).sort("adapter_label")
+
+
+def compare_with_previous(current: pl.DataFrame, previous: pl.DataFrame | None, margin: float) -> pl.DataFrame:
+    """Add prev_date, prev_<m>, delta_<m> (current - previous) for each score, `regressed` and
+    `regressed_metrics` (comma-joined names, "" when none). Adapters new tonight have null prev_* and
+    are not regressed."""
+    if previous is None:
+        previous = current.clear()
+    prev = previous.select(
+        "adapter_id", pl.col("date").alias("prev_date"), *[pl.col(m).alias(f"prev_{m}") for m in SCORES])
+    out = current.join(prev, on="adapter_id", how="left", nulls_equal=True)
+    out = out.with_columns((pl.col(m) - pl.col(f"prev_{m}")).alias(f"delta_{m}") for m in SCORES)
+    worse = [((-pl.col(f"delta_{m}") if HIGHER_IS_BETTER[m] else pl.col(f"delta_{m}")) / SCORE_SCALE[m] > margin)
+             .fill_null(False).alias(m) for m in SCORES]
+    names = pl.concat_list([pl.when(w).then(pl.lit(m)) for w, m in zip(worse, SCORES)]).list.drop_nulls()
+    return out.with_columns(names.list.len().gt(0).alias("regressed"), names.list.join(",").alias("regressed_metrics"))
+
+
+def read_day(fs: fsspec.AbstractFileSystem, folder: str) -> pl.DataFrame | None:
+    """Every *.parquet under a folder except `_`/`.`-prefixed ones (run records, temp files)."""
+    paths = [p for p in visible_files(fs, folder) if p.endswith(".parquet")] if fs.exists(folder) else []
+    if not paths:
+        return None
+    frames = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            frames.append(pl.read_parquet(f))
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def metric_dates(fs: fsspec.AbstractFileSystem, root_path: str) -> list[str]:
+    """Dates that have a metrics file, oldest first."""
+    found = fs.glob(join(root_path, "metrics", "date=*", METRICS_FILE))
+    return sorted(posixpath.basename(posixpath.dirname(p)).removeprefix("date=") for p in found)
+
+
+def read_metrics_file(fs: fsspec.AbstractFileSystem, root_path: str, date: str) -> pl.DataFrame:
+    with fs.open(join(metrics_url(root_path, date), METRICS_FILE), "rb") as f:
+        return pl.read_parquet(f)
+
+
+def nightly_metrics(root: str, date: str, *, margin: float = 0.05, storage_options: dict | None = None) -> pl.DataFrame:
+    """Score the night's results, compare with the latest earlier night that has metrics, write
+    <root>/metrics/date=D/metrics.parquet (atomically) and return it."""
+    fs, root_path = filesystem(root, storage_options)
+    results = read_day(fs, results_url(root_path, date))
+    if results is None:
+        raise FileNotFoundError(f"no result files under {results_url(root, date)}")
+    earlier = [d for d in metric_dates(fs, root_path) if d < date]
+    previous = read_metrics_file(fs, root_path, earlier[-1]) if earlier else None
+    metrics = compare_with_previous(compute_adapter_metrics(results, date), previous, margin)
+    day = metrics_url(root_path, date)
+    buffer = io.BytesIO()
+    metrics.write_parquet(buffer)
+    publish(fs, join(day, METRICS_FILE), buffer.getvalue(), tmp_dir=day)
+    return metrics
+
+
+def read_metrics(url: str, storage_options: dict | None = None) -> pl.DataFrame:
+    """Every metrics row under url: `<root>/metrics` for all nights, or one night's folder
+    (an empty frame when there are none), sorted by date and adapter."""
+    fs, path = filesystem(url, storage_options)
+    metrics = read_day(fs, path)
+    return pl.DataFrame() if metrics is None else metrics.sort("date", "adapter_label")

@@ -1,0 +1,183 @@
+"""Read a request table from any fsspec URL and turn its rows into engine Requests.
+
+A table that cannot be a request table is refused whole (TableError, before any work); a bad row only
+fails itself: it becomes an error RequestOutput that says what is wrong and what to do."""
+import math
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.request import Request, RequestOutput, SamplingParams
+from pipeline.schema import REQUEST_COLUMNS, RESULT_COLUMNS, TableError
+from pipeline.storage import filesystem, visible_files
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def read_request_table(url: str, storage_options: dict | None = None) -> pa.Table:
+    """One .parquet file, or every *.parquet below a folder (skipping '_'/'.' names), as one table
+    with the request columns cast to one type each and extra columns kept as they are."""
+    fs, root = filesystem(url, storage_options)
+    if fs.isdir(root):
+        paths = [p for p in visible_files(fs, root) if p.endswith(".parquet")]
+        if not paths:
+            raise TableError(f"{url}: no *.parquet files in this folder")
+    elif fs.isfile(root):
+        paths = [root]
+    else:
+        raise TableError(f"{url}: no such file or folder")
+    tables = [_read_one(fs, path) for path in paths]
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        raise _conflict(fs, paths, tables) from None
+    return table.select([c for c in REQUEST_COLUMNS if c in table.column_names]
+                        + [c for c in table.column_names if c not in REQUEST_COLUMNS])
+
+
+def _read_one(fs, path: str) -> pa.Table:
+    name = fs.unstrip_protocol(path)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except Exception as e:  # noqa: BLE001 - any failure to read is "not a request table"
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TableError(f"{name}: not a readable Parquet file ({detail})") from None
+    columns = table.column_names
+    if "request_id" not in columns:
+        raise TableError(f"{name}: missing column 'request_id' (a unique string per row)")
+    if "prompt" not in columns and "prompt_token_ids" not in columns:
+        raise TableError(f"{name}: missing column 'prompt' (or 'prompt_token_ids'); one of them is required")
+    for column in columns:
+        if column in RESULT_COLUMNS and column not in REQUEST_COLUMNS:
+            raise TableError(f"{name}: column '{column}' is a result column; rename it so it can pass through")
+    for column, (accepts, cast_to, wanted) in REQUEST_COLUMNS.items():
+        if column not in columns:
+            continue
+        array = table[column]
+        if not (pa.types.is_null(array.type) or accepts(array.type)):
+            raise TableError(f"{name}: column '{column}' has type {array.type}; it must be {wanted}")
+        try:
+            table = table.set_column(columns.index(column), column, _cast(array, cast_to))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            detail = str(e).splitlines()[0]
+            raise TableError(f"{name}: column '{column}' cannot be read as {wanted} ({detail})") from None
+    return table
+
+
+def _cast(array: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(array.type):
+        array = array.cast(array.type.value_type)
+    if pa.types.is_list(to) and not pa.types.is_null(array.type) and not hasattr(array.type, "value_type"):
+        # a plain string stop column: each value becomes a one-element list
+        return pa.chunked_array([pa.array([None if s is None else [s] for s in array.to_pylist()], to)], to)
+    return array.cast(to)
+
+
+def _conflict(fs, paths: list[str], tables: list[pa.Table]) -> TableError:
+    """Name the first extra column whose type differs between two files."""
+    first_seen = {}
+    for path, table in zip(paths, tables):
+        for f in table.schema:
+            if pa.types.is_null(f.type):
+                continue
+            seen = first_seen.setdefault(f.name, (path, f.type))
+            if seen[1] != f.type:
+                return TableError(f"{fs.unstrip_protocol(path)}: column '{f.name}' has type {f.type}, but "
+                                  f"{fs.unstrip_protocol(seen[0])} has {seen[1]}; write it with one type in every file")
+    return TableError(f"{fs.unstrip_protocol(paths[0])}: files have schemas that cannot be combined")
+
+
+@dataclass
+class ParsedRequests:
+    requests: list[Request] = field(default_factory=list)          # valid rows, in table order
+    rejected: list[RequestOutput] = field(default_factory=list)    # one error row per bad row
+    duplicates: list[str] = field(default_factory=list)            # request_ids seen again (no row)
+    extra_columns: dict[str, dict] = field(default_factory=dict)   # request_id -> {column: value}
+    extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # their Arrow types
+
+
+def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedRequests:
+    """Valid rows become Requests; each bad row becomes one error RequestOutput; a repeated
+    request_id keeps its first row (valid or not) and is listed in `duplicates`."""
+    extras = [c for c in table.column_names if c not in REQUEST_COLUMNS]
+    parsed = ParsedRequests(extra_schema=pa.schema([table.schema.field(c) for c in extras]))
+    rows = table.select([c for c in table.column_names if c in REQUEST_COLUMNS]).to_pylist()
+    extra_rows = table.select(extras).to_pylist() if extras else [{} for _ in rows]
+    seen = set()
+    for number, (row, extra) in enumerate(zip(rows, extra_rows), start=1):
+        request_id = row.get("request_id")
+        if request_id in seen:
+            parsed.duplicates.append(request_id)
+            continue
+        if isinstance(request_id, str) and request_id:
+            seen.add(request_id)
+            parsed.extra_columns[request_id] = extra
+        problems = _row_problems(row, number)
+        if problems:
+            parsed.rejected.append(RequestOutput(request_id or None, row.get("adapter_id"), None, [], 0, 0, "error",
+                                                 "; ".join(problems)))
+        else:
+            parsed.requests.append(_request(row, default_max_new_tokens))
+    return parsed
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _row_problems(row: dict, number: int) -> list[str]:
+    """Everything wrong with one row, each with what to do about it."""
+    problems = []
+    request_id = row.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        problems.append(f"row {number} has no request_id: give every row a unique, non-empty request_id")
+    adapter_id = row.get("adapter_id")
+    if adapter_id is not None and not (isinstance(adapter_id, str) and ADAPTER_ID.fullmatch(adapter_id)):
+        problems.append(f"adapter_id {adapter_id!r} is not a plain adapter name: it must be 1-128 letters, "
+                        "digits, '.', '_' or '-', starting with a letter or digit (null = base model)")
+    token_ids, prompt = row.get("prompt_token_ids"), row.get("prompt")
+    if token_ids is not None:
+        if not token_ids:
+            problems.append("prompt_token_ids is empty: give at least one token id, or null to use prompt")
+        elif not all(_is_int(t) and t >= 0 for t in token_ids):
+            problems.append("prompt_token_ids has null or negative ids: token ids must be integers >= 0")
+    elif not isinstance(prompt, str) or not prompt:
+        problems.append("prompt is null or empty: give a non-empty prompt (or prompt_token_ids)")
+    checks = [
+        ("max_new_tokens", _is_int, lambda v: v >= 1, "an integer >= 1 (null = the run's default)"),
+        ("temperature", _is_number, lambda v: v >= 0, "a number >= 0 (0 or null = greedy)"),
+        ("top_p", _is_number, lambda v: 0 < v <= 1, "a number in (0, 1] (null = 1)"),
+        ("top_k", _is_int, lambda v: v >= 0, "an integer >= 0 (0 or null = off)"),
+        ("seed", _is_int, lambda v: True, "an integer (null = derived from request_id)"),
+    ]
+    for name, has_type, in_range, wanted in checks:
+        value = row.get(name)
+        if value is not None and not (has_type(value) and in_range(value)):
+            problems.append(f"{name} = {value!r} is invalid: it must be {wanted}")
+    stop = row.get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        problems.append(f"stop = {stop!r} is invalid: it must be a list of non-empty strings (null = none)")
+    return problems
+
+
+def _request(row: dict, default_max_new_tokens: int) -> Request:
+    def value(name, default):
+        v = row.get(name)
+        return default if v is None else v
+
+    sampling = SamplingParams(
+        max_new_tokens=value("max_new_tokens", default_max_new_tokens),
+        temperature=float(value("temperature", 0.0)),
+        top_p=float(value("top_p", 1.0)),
+        top_k=value("top_k", 0),
+        seed=row.get("seed"),
+        stop=value("stop", []),
+    )
+    return Request(row["request_id"], row.get("adapter_id"), row.get("prompt"), row.get("prompt_token_ids"), sampling)

@@ -1,0 +1,226 @@
+"""The results side of a run: committed shards, the shard writer, the output lock and run records.
+
+Layout under the output URL: part-<n>.parquet shards (the result table) and `_`-prefixed folders that
+readers skip: `_runs/LOCK`, `_runs/<run_id>/<record>`, `_tmp/` (local temp files before their rename)."""
+import io
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.request import RequestOutput
+from pipeline.schema import RESULT_SCHEMA
+from pipeline.storage import create_exclusive, filesystem, join, publish, visible_files
+
+log = logging.getLogger(__name__)
+SHARD_NAME = re.compile(r"part-(\d+)\.parquet")
+
+
+class ResultStore:
+    """The committed shards under one output URL."""
+
+    def __init__(self, output_url: str, storage_options: dict | None = None):
+        self.url = output_url
+        self.fs, self.root = filesystem(output_url, storage_options)
+
+    def shard_paths(self) -> list[str]:
+        if not self.fs.isdir(self.root):
+            return []
+        return [p for p in visible_files(self.fs, self.root) if SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+
+    def committed_ids(self) -> set[str]:
+        """request_ids of every committed row (reads only that column)."""
+        ids = set()
+        for path in self.shard_paths():
+            with self.fs.open(path, "rb") as f:
+                ids.update(pq.ParquetFile(f).read(columns=["request_id"]).column(0).to_pylist())
+        ids.discard(None)
+        return ids
+
+    def next_shard_index(self) -> int:
+        indices = [int(SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]).group(1)) for p in self.shard_paths()]
+        return max(indices, default=-1) + 1
+
+    def shard_path(self, index: int) -> str:
+        return join(self.root, f"part-{index:06d}.parquet")
+
+
+class ShardWriter:
+    """Buffers result rows and commits them as shards: when rows_per_shard rows are buffered, when the
+    oldest buffered row has waited seconds_per_shard, and on exit (an exception included)."""
+
+    def __init__(self, store: ResultStore, run_id: str, base_model: str, extra_columns: dict[str, dict],
+                 rows_per_shard: int = 256, seconds_per_shard: float = 30.0, extra_schema: pa.Schema | None = None):
+        self.store, self.run_id, self.base_model = store, run_id, base_model
+        self.extra_columns = extra_columns
+        self.extra_schema = extra_schema if extra_schema is not None else _infer_schema(extra_columns)
+        self.schema = pa.schema(list(RESULT_SCHEMA) + list(self.extra_schema))
+        self.rows_per_shard, self.seconds_per_shard = rows_per_shard, seconds_per_shard
+        self.next_index = store.next_shard_index()
+        self.buffer: list[tuple[RequestOutput, datetime]] = []
+        self.buffer_since = 0.0
+        self.rows_written = 0
+        self.shards_written = 0
+
+    def add(self, output: RequestOutput) -> None:
+        if not self.buffer:
+            self.buffer_since = time.monotonic()
+        self.buffer.append((output, datetime.now(timezone.utc)))
+        if len(self.buffer) >= self.rows_per_shard or time.monotonic() - self.buffer_since >= self.seconds_per_shard:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the buffer as the next shard; a reader sees the whole shard or nothing."""
+        if not self.buffer:
+            return
+        sink = io.BytesIO()
+        pq.write_table(self._table(), sink)
+        publish(self.store.fs, self.store.shard_path(self.next_index), sink.getvalue(), join(self.store.root, "_tmp"))
+        self.next_index += 1
+        self.rows_written += len(self.buffer)
+        self.shards_written += 1
+        self.buffer = []
+
+    def _table(self) -> pa.Table:
+        outputs = [o for o, _ in self.buffer]
+        columns = {
+            "request_id": [o.request_id for o in outputs],
+            "adapter_id": [o.adapter_id for o in outputs],
+            "output_text": [o.output_text for o in outputs],
+            "output_token_ids": [list(o.output_token_ids) for o in outputs],
+            "prompt_tokens": [o.prompt_tokens for o in outputs],
+            "output_tokens": [o.output_tokens for o in outputs],
+            "finish_reason": [o.finish_reason for o in outputs],
+            "error": [o.error for o in outputs],
+            "base_model": [self.base_model] * len(outputs),
+            "adapter_sha256": [o.adapter_sha256 for o in outputs],
+            "run_id": [self.run_id] * len(outputs),
+            "completed_at": [t for _, t in self.buffer],
+        }
+        for name in self.extra_schema.names:
+            columns[name] = [self.extra_columns.get(o.request_id, {}).get(name) for o in outputs]
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.commit()  # completed rows are kept even when the run fails
+
+
+def _infer_schema(extra_columns: dict[str, dict]) -> pa.Schema:
+    """Types of the extra columns from all their values at once, so every shard gets the same ones."""
+    names = list(dict.fromkeys(name for row in extra_columns.values() for name in row))
+    return pa.schema([(n, pa.array([row.get(n) for row in extra_columns.values()]).type) for n in names])
+
+
+def write_run_record(output_url: str, run_id: str, name: str, content: str | bytes,
+                     storage_options: dict | None = None) -> str:
+    """Write <output>/_runs/<run_id>/<name>; returns its URL."""
+    if name.endswith(".parquet"):
+        # `<out>/**/*.parquet` globs (Polars, DuckDB) do not skip `_` folders: keep Parquet out of _runs
+        raise ValueError(f"run record {name!r}: run records must not be Parquet files")
+    fs, root = filesystem(output_url, storage_options)
+    path = join(root, "_runs", run_id, name)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, content.encode() if isinstance(content, str) else content)
+    return fs.unstrip_protocol(path)
+
+
+class OutputLocked(Exception):
+    """Another live run is writing this output."""
+
+
+@contextmanager
+def output_lock(output_url: str, storage_options: dict | None = None, *,
+                heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
+    """Hold <output>/_runs/LOCK while the block runs, so two runs never write one output.
+
+    A lock whose holder is gone is taken over with a warning: its pid is dead on this host, or its
+    heartbeat (refreshed every heartbeat_s from a background thread) is older than stale_after_s."""
+    fs, root = filesystem(output_url, storage_options)
+    path = join(root, "_runs", "LOCK")
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "token": uuid.uuid4().hex, "heartbeat": time.time()}
+    _acquire(fs, root, holder, output_url, stale_after_s)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(heartbeat_s):
+            holder["heartbeat"] = time.time()
+            try:
+                if _read_lock(fs, path).get("token") != holder["token"]:
+                    log.error("output lock %s was taken over by another run", path)
+                    return
+                publish(fs, path, json.dumps(holder).encode(), join(root, "_runs"))
+            except Exception as e:  # noqa: BLE001 - a failed heartbeat must not kill the run; retried next beat
+                log.warning("could not refresh output lock %s: %s", path, e)
+
+    thread = threading.Thread(target=beat, name="lorafleet-lock-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            if _read_lock(fs, path).get("token") == holder["token"]:
+                fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def _read_lock(fs, path: str) -> dict:
+    fs.invalidate_cache(path)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # half-written by a holder that died while writing: nobody holds it
+        return {"heartbeat": 0}
+
+
+def _acquire(fs, root: str, holder: dict, output_url: str, stale_after_s: float) -> None:
+    path = join(root, "_runs", "LOCK")
+    data = json.dumps(holder).encode()
+    try:
+        create_exclusive(fs, path, data)
+    except FileExistsError:
+        current = _read_lock(fs, path)
+        if not _is_stale(current, stale_after_s):
+            raise OutputLocked(
+                f"{output_url} is being written by another run (host {current.get('host')}, pid {current.get('pid')}, "
+                f"started {current.get('started')}); wait for it to finish, or use another --output") from None
+        log.warning("taking over the stale output lock of %s (host %s, pid %s, started %s)",
+                    output_url, current.get("host"), current.get("pid"), current.get("started"))
+        publish(fs, path, data, join(root, "_runs"))
+    time.sleep(0.05)  # let a racing writer's PUT land, then confirm the lock is ours
+    current = _read_lock(fs, path)
+    if current.get("token") != holder["token"]:
+        raise OutputLocked(f"{output_url} was locked by another run starting at the same moment "
+                           f"(host {current.get('host')}, pid {current.get('pid')}); try again later")
+
+
+def _is_stale(lock: dict, stale_after_s: float) -> bool:
+    if not lock:
+        return True
+    if time.time() - lock.get("heartbeat", 0) > stale_after_s:
+        return True
+    if lock.get("host") == socket.gethostname():
+        try:
+            os.kill(lock["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError):
+            pass
+    return False

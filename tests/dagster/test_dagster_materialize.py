@@ -1,0 +1,75 @@
+"""Two nights materialized in process: the four assets, their metadata, their checks, and a removed row."""
+import dagster as dg
+import polars as pl
+import pyarrow.parquet as pq
+
+from dagster_project.assets import adapter_metrics, generations, inference_plan, requests
+from dagster_project.checks import error_rate_under_bound, every_request_has_one_result, no_regressions
+from fleet_tables import DATES
+from pipeline.layout import results_url
+from pipeline.results import ResultStore
+
+ASSETS = [requests, inference_plan, generations, adapter_metrics]
+CHECKS = [every_request_has_one_result, error_rate_under_bound, no_regressions]
+
+
+def metadata(result: dg.ExecuteInProcessResult, asset: dg.AssetsDefinition) -> dict:
+    [materialization] = result.asset_materializations_for_node(asset.op.name)
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+def checks_passed(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_two_nights_materialize_with_metadata_and_passing_checks(fleet):
+    with dg.instance_for_test() as instance:
+        for date in DATES:
+            result = dg.materialize([*ASSETS, *CHECKS], partition_key=date, resources={"lorafleet": fleet},
+                                    instance=instance)
+            assert result.success
+            assert checks_passed(result) == {c.check_key.name: True for c in CHECKS}
+
+            assert {k: metadata(result, requests)[k] for k in ["rows", "valid_rows", "bad_rows", "duplicate_ids",
+                                                               "adapters"]} == \
+                {"rows": 9, "valid_rows": 7, "bad_rows": 1, "duplicate_ids": 1, "adapters": 3}
+            plan = metadata(result, inference_plan)
+            assert plan["requests"] == 7 and plan["adapters"] == 3 and plan["waves"] >= 1
+            assert "predicted adapter loads" in plan["plan"]
+            run = metadata(result, generations)
+            assert (run["rows"], run["rows_ok"], run["rows_failed"], run["rows_skipped"]) == (8, 6, 2, 0)
+            assert run["error_rate"] == 0.25 and run["adapter_loads"] >= 2
+            assert run["output_tokens_per_s"] > 0 and run["wall_s"] > 0
+            scores = metadata(result, adapter_metrics)
+            assert scores["adapters"] >= 3 and scores["regressed"] == []
+            header, _, *rows = scores["worst_adapters"].splitlines()
+            assert header.startswith("| adapter_label | task | requests | error_rate |") and len(rows) == 4
+            assert sorted(row.split(" | ")[0] for row in rows) == ["| <base>", "| a0", "| a1", "| ghost"]
+
+            logs = [e.user_message for e in instance.all_logs(result.run_id)]
+            assert any("7 requests (0 already done, 1 invalid rows)" in m for m in logs)  # run_requests' log lines
+    results = pl.read_parquet(f"{fleet.root}/results/**/*.parquet", hive_partitioning=True)
+    assert results.group_by(pl.col("date").cast(pl.String)).len().sort("date").rows() == [(d, 8) for d in DATES]
+
+
+def test_a_removed_result_row_fails_the_check_and_a_rerun_brings_it_back(fleet):
+    date = DATES[0]
+    with dg.instance_for_test() as instance:
+        def run(selection) -> dg.ExecuteInProcessResult:
+            return dg.materialize([*ASSETS, *CHECKS], selection=selection, partition_key=date,
+                                  resources={"lorafleet": fleet}, instance=instance)
+
+        assert run(dg.AssetSelection.assets(requests, inference_plan, generations)).success
+        shard = ResultStore(results_url(fleet.root, date)).shard_paths()[0]
+        rows = pq.read_table(shard)
+        removed = rows["request_id"][0].as_py()
+        pq.write_table(rows.slice(1), shard)
+
+        # materialize() takes the partition from a selected asset, so `requests` comes along with the check
+        check_only = dg.AssetSelection.assets(requests) | dg.AssetSelection.checks(every_request_has_one_result)
+        [evaluation] = run(check_only).get_asset_check_evaluations()
+        assert not evaluation.passed and evaluation.metadata["missing_examples"].value == [removed]
+
+        rerun = run(dg.AssetSelection.assets(generations))
+        assert metadata(rerun, generations)["rows_skipped"] == 7                # resumed, not started over
+        assert checks_passed(rerun)["every_request_has_one_result"]

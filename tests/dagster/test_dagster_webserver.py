@@ -1,0 +1,165 @@
+"""The real webserver: `dagster dev` in its own process group, a backfill over two nights through GraphQL,
+the results read back with Polars and DuckDB SQL, and the UI in headless Chromium."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from fleet_tables import DATES
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+ASSETS = ["requests", "inference_plan", "generations", "adapter_metrics"]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on Error { message }
+  }
+}"""
+BACKFILL = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill {
+      status
+      runs(limit: 10) { status tags { key value } stepStats { stepKey status startTime endTime } }
+    }
+    ... on Error { message }
+  }
+}"""
+ASSET_NODES = "{ assetNodes { assetKey { path } } }"
+FINISHED = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def graphql(url: str, query: str, **variables) -> dict:
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        reply = json.load(response)
+    assert "errors" not in reply, reply["errors"]
+    return reply["data"]
+
+
+def wait_for(what: str, condition, timeout_s: float, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if value := condition():
+                return value
+        except OSError:   # not listening yet
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{what} not within {timeout_s}s; dagster dev said:\n{log.read_text()[-5000:]}")
+
+
+@contextmanager
+def dagster_dev(env: dict, log: Path):
+    """`make ui`'s command on a free port; yields the UI's URL. The whole process group is killed at the
+    end: dagster dev's webserver, daemon and code servers survive a SIGTERM to the parent alone."""
+    port = free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "dagster_project.ui", "-p", str(port)], cwd=REPO,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the code location", lambda: process.poll() is None and
+                 len(graphql(url, ASSET_NODES)["assetNodes"]) == len(ASSETS), 180, log)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def step_times(run: dict, step: str) -> tuple[float, float]:
+    [stats] = [s for s in run["stepStats"] if s["stepKey"] == step]
+    assert stats["status"] == "SUCCESS"
+    return stats["startTime"], stats["endTime"]
+
+
+@pytest.mark.e2e
+def test_backfill_of_two_nights_from_the_webserver(fleet, tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORAFLEET_ROOT": fleet.root,
+           "LORAFLEET_MODEL": fleet.model, "LORAFLEET_ADAPTERS": fleet.adapters,
+           "LORAFLEET_MAX_ERROR_RATE": str(fleet.max_error_rate)}
+    log = tmp_path / "dagster_dev.log"
+    with dagster_dev(env, log) as url:
+        params = {"assetSelection": [{"path": [a]} for a in ASSETS], "partitionNames": DATES,
+                  "title": "two nights"}
+        launched = graphql(url, LAUNCH_BACKFILL, params=params)["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = launched["backfillId"]
+        backfill = wait_for("the backfill", lambda: (b := graphql(url, BACKFILL, id=backfill_id)
+                                                     ["partitionBackfillOrError"])["status"] in FINISHED and b,
+                            480, log)
+        assert backfill["status"] == "COMPLETED_SUCCESS", (backfill, log.read_text()[-5000:])
+        runs = backfill["runs"]
+        assert sorted(t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition") == DATES
+        # the gpu pool (limit 1) lets one engine run at a time: the nights' generations steps never overlap
+        first, second = sorted(step_times(r, "generations") for r in runs)
+        assert first[1] <= second[0]
+
+        show_in_chromium(url, backfill_id)
+
+    results = pl.read_parquet(f"{fleet.root}/results/**/*.parquet", hive_partitioning=True)
+    assert results.group_by(pl.col("date").cast(pl.String)).len().sort("date").rows() == [(d, 8) for d in DATES]
+    assert results.filter(pl.col("finish_reason") == "error")["request_id"].sort().to_list() == \
+        ["bad", "bad", "ghost", "ghost"]
+    per_adapter = duckdb.sql(f"""
+        SELECT CAST(date AS VARCHAR) AS date, coalesce(adapter_id, 'base') AS adapter, count(*) AS rows,
+               sum(output_tokens) AS output_tokens
+        FROM read_parquet('{fleet.root}/results/**/*.parquet', hive_partitioning = true)
+        WHERE finish_reason <> 'error'
+        GROUP BY ALL ORDER BY ALL""").fetchall()
+    assert [(d, a, n) for d, a, n, _ in per_adapter] == [(d, a, 2) for d in DATES for a in ["a0", "a1", "base"]]
+    assert all(tokens > 0 for *_, tokens in per_adapter)
+
+
+def show_in_chromium(url: str, backfill_id: str) -> None:
+    """The asset graph shows the four assets and the backfill page shows the finished backfill."""
+    from playwright.sync_api import expect, sync_playwright
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{url}/asset-groups")
+            for name in ASSETS:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "dagster-asset-graph.png")
+            page.goto(f"{url}/runs/b/{backfill_id}?tab=partitions")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=60_000)
+            for date in DATES:
+                expect(page.get_by_text(date).first).to_be_visible()
+            page.screenshot(path=ARTIFACTS / "dagster-backfill.png", full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,67 @@
+import polars as pl
+import pytest
+from rich.console import Console
+
+from pipeline.layout import results_url
+from pipeline.metrics import nightly_metrics
+from pipeline.report import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_night(root, date: str, outputs: dict[str | None, list[str]]) -> None:
+    """Results of one night: per adapter, its outputs against the references a b c / d e f / ..."""
+    references = ["a b c", "d e f", "g h i", "j k l"]
+    rows = [(f"{adapter}-{i}", adapter, text, 3, "stop", references[i], "t")
+            for adapter, texts in outputs.items() for i, text in enumerate(texts)]
+    frame = pl.DataFrame(rows, orient="row", schema={
+        "request_id": pl.String, "adapter_id": pl.String, "output_text": pl.String, "output_tokens": pl.Int32,
+        "finish_reason": pl.String, "reference": pl.String, "task": pl.String})
+    (root / "results" / f"date={date}").mkdir(parents=True)
+    frame.write_parquet(f"{results_url(str(root), date)}/part-0.parquet")
+    nightly_metrics(str(root), date)
+
+
+@pytest.fixture
+def three_nights(tmp_path):
+    good = ["a b c", "d e f", "g h i", "j k l"]
+    write_night(tmp_path, "2026-03-01", {"alpha": good, "beta": good, None: ["x"] * 4})
+    write_night(tmp_path, "2026-03-02", {"alpha": good, "beta": good, None: ["x"] * 4})
+    write_night(tmp_path, "2026-03-03", {"alpha": good, "beta": ["a b c", "x", "x", "x"], None: ["x"] * 4})
+    return tmp_path
+
+
+def printed(console: Console) -> str:
+    return console.export_text()
+
+
+def test_report_prints_latest_night_and_writes_png(three_nights):
+    console = Console(record=True, width=200)
+    png = report(str(three_nights), None, None, console=console)
+    text = printed(console)
+    assert "2026-03-03" in text
+    assert "<base>" in text and "alpha" in text
+    beta_line = next(line for line in text.splitlines() if "beta" in line and "REGRESSED" in line)
+    assert "exact_match" in beta_line and "0.25 (-0.75)" in beta_line
+    assert "regressed: beta" in text
+    assert not any("REGRESSED" in line for line in text.splitlines() if "alpha" in line)
+    assert png == f"{three_nights}/metrics/scores.png"
+    with open(png, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def test_report_for_an_earlier_date_and_custom_png(three_nights, tmp_path_factory):
+    console = Console(record=True, width=200)
+    out = tmp_path_factory.mktemp("charts") / "sub" / "chart.png"
+    png = report(str(three_nights), "2026-03-02", str(out), console=console)
+    text = printed(console)
+    assert "2026-03-02" in text and "REGRESSED" not in text
+    assert "no regressions" in text
+    assert png == str(out) and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_without_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        report(str(tmp_path), None, None)
+    with pytest.raises(FileNotFoundError):
+        report(str(tmp_path), "2026-03-02", None)
