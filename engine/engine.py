@@ -87,7 +87,7 @@ class Engine:
         if not seqs:
             if not outputs and sched.waiting and not sched.running:
                 # Nothing runs and nothing can be admitted: the head of the queue cannot fit at all.
-                seq = sched.waiting.popleft()
+                seq = sched.reject_head()
                 outputs.append(self._output(seq, "does not fit in the page pool next to its adapter"))
             return outputs
         tokens = self.runner.run(seqs, is_prefill)

@@ -3,11 +3,12 @@
 Policy, in short:
 - at most `max_active_adapters` distinct adapters among running sequences (hence in any batch);
 - new work prefers adapters already active, then takes the waiting queue in order (the planner's order);
-- adapters with no running sequence stay resident until their pages are needed (LRU eviction), and are
-  evicted before any running sequence is preempted;
+- adapters with no running sequence stay resident until their pages are needed, then go least recently
+  used first, those with no waiting work before those with some; idle adapters are evicted before any
+  running sequence is preempted;
 - when KV pages run out during decode, the newest sequence is preempted and later recomputed.
 """
-from collections import deque
+from collections import Counter, deque
 
 from engine.adapter_memory import ResidentAdapters
 from engine.adapters import AdapterError, AdapterStore
@@ -26,10 +27,21 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.failed: list[tuple[Sequence, str]] = []   # sequences whose adapter could not be loaded
+        self.waiting_per_adapter: Counter[str | None] = Counter()
         self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.waiting_per_adapter[seq.adapter_id] += 1
+
+    def _leave_waiting(self, seq: Sequence) -> None:
+        self.waiting_per_adapter[seq.adapter_id] -= 1
+
+    def reject_head(self) -> Sequence:
+        """Take the first waiting sequence out for good (it can never be admitted)."""
+        seq = self.waiting.popleft()
+        self._leave_waiting(seq)
+        return seq
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -61,10 +73,11 @@ class Scheduler:
         return True
 
     def _evict_idle(self, active: set[str]) -> bool:
-        idle = next((a for a in self.adapters.resident if a not in active), None)
-        if idle is None:
+        """Unload the least recently used idle adapter, preferring one with no waiting work."""
+        idle = [a for a in self.adapters.resident if a not in active]   # resident is in LRU order
+        if not idle:
             return False
-        self.adapters.unload(idle)
+        self.adapters.unload(min(idle, key=lambda a: self.waiting_per_adapter[a] > 0))
         return True
 
     def schedule(self) -> tuple[list[Sequence], bool]:
@@ -90,6 +103,7 @@ class Scheduler:
                 try:
                     resident = self._make_resident(a, active)
                 except AdapterError as e:
+                    self._leave_waiting(seq)
                     self.failed.append((seq, str(e)))
                     continue
                 if not resident:
@@ -102,6 +116,7 @@ class Scheduler:
                 break
             if a is not None:
                 active.add(a)
+            self._leave_waiting(seq)
             self.pool.allocate_kv(seq)
             seq.status = SequenceStatus.RUNNING
             batch.append(seq)
@@ -141,6 +156,7 @@ class Scheduler:
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
+        self.waiting_per_adapter[seq.adapter_id] += 1
 
     def finish(self, seq: Sequence) -> None:
         self.pool.free_kv(seq)

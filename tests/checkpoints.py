@@ -65,3 +65,29 @@ def build_adapter(path, base_dir, *, rank: int = 8, alpha: float = 16, targets=(
                 p.copy_(torch.randn_like(p) * init_std)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def write_peft_adapter(path, hidden: int, intermediate: int, layers: int, kv_dim: int, *, rank: int,
+                       targets: list[str], alpha: float, seed: int, init_std: float = 0.2) -> Path:
+    """A PEFT-format adapter written directly (same files save_pretrained writes), for tests that need
+    hundreds of them: building each through peft would take a second apiece."""
+    from safetensors.torch import save_file
+    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim),
+            "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for module in targets:
+            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            d_in, d_out = dims[module]
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * init_std
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * init_std
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+        "use_rslora": False, "use_dora": False, "task_type": "CAUSAL_LM"}))
+    return path
