@@ -5,6 +5,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+import torch
+
 from engine.adapters import AdapterStore
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
@@ -90,7 +92,18 @@ class Engine:
                 seq = sched.reject_head()
                 outputs.append(self._output(seq, "does not fit in the page pool next to its adapter"))
             return outputs
-        tokens = self.runner.run(seqs, is_prefill)
+        try:
+            tokens = self.runner.run(seqs, is_prefill)
+        except torch.OutOfMemoryError:
+            if self.config.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if len(seqs) > 1:
+                log.warning("out of device memory on a batch of %d; retrying with smaller batches", len(seqs))
+                sched.back_off(seqs, is_prefill)
+                return outputs
+            sched.finish(seqs[0])
+            return outputs + [self._output(seqs[0], "out of device memory even alone: shorten the prompt or "
+                                                    "max_new_tokens, or run on a larger device")]
         self.stats.steps += 1
         if is_prefill:
             self.stats.prompt_tokens += sum(s.num_tokens for s in seqs)

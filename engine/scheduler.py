@@ -158,6 +158,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.waiting_per_adapter[seq.adapter_id] += 1
 
+    def back_off(self, batch: list[Sequence], is_prefill: bool) -> None:
+        """The device ran out of memory on `batch`: halve the batch limits and put sequences back in line
+        (recomputed later, so outputs do not change): all of a prefill batch, the back half of a decode one."""
+        self.max_num_seqs = max(1, len(batch) // 2)
+        self.max_batched_tokens = max(1, sum(s.num_tokens for s in batch) // 2)
+        for seq in reversed(batch if is_prefill else batch[self.max_num_seqs:]):
+            self.running.remove(seq)
+            self.preempt(seq)
+
     def finish(self, seq: Sequence) -> None:
         self.pool.free_kv(seq)
         seq.status = SequenceStatus.FINISHED

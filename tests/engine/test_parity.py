@@ -89,3 +89,23 @@ def test_unknown_adapter_fails_only_its_rows(llama_fleet):
     assert {rid for rid, o in outputs.items() if o.finish_reason == "error"} == {"r2", "r5"}
     assert "not found" in outputs["r2"].error
     assert all(o.output_tokens > 0 for rid, o in outputs.items() if rid not in ("r2", "r5"))
+
+
+def test_out_of_memory_splits_batches_and_fails_only_what_cannot_fit(llama_fleet, monkeypatch):
+    requests = mixed_requests(llama_fleet.adapter_ids, 12, seed=8)
+    requests[4].prompt_token_ids = [7] * 30            # this one runs out of memory even alone
+    expected = {o.request_id: o.output_token_ids for o in make_engine(llama_fleet).generate(requests)}
+    engine = make_engine(llama_fleet)
+    real_run = engine.runner.run
+
+    def small_device(seqs, is_prefill):
+        if len(seqs) > 3 or sum(s.num_tokens for s in seqs) >= 30:
+            raise torch.OutOfMemoryError("simulated")
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(engine.runner, "run", small_device)
+    outputs = {o.request_id: o for o in engine.generate(requests)}
+    assert "out of device memory" in outputs["r4"].error
+    assert {rid: o.output_token_ids for rid, o in outputs.items() if rid != "r4"} == \
+        {rid: tokens for rid, tokens in expected.items() if rid != "r4"}
+    assert engine.scheduler.max_num_seqs <= 3
