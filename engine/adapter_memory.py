@@ -8,6 +8,8 @@ of the pages of a rank-64 one. For each projection group the kernels read, per l
 Which adapter to load or evict is the scheduler's decision; this class only does it.
 """
 from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +51,51 @@ def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[t
     return pieces
 
 
+@dataclass
+class PackedAdapter:
+    """An adapter laid out as the pages it will occupy, with row offsets relative to its first page.
+    Built on the host (in the read-ahead thread), so loading it is one copy into the pool."""
+    adapter_id: str
+    sha256: str
+    pages: torch.Tensor                   # [num_pages, page_numel], pinned on CUDA
+    rel_a: dict[str, torch.Tensor]        # group -> [layers, n_slices, max_rank] offsets of A^T rows
+    rel_b: dict[str, torch.Tensor]        # group -> [layers, n_slices, max_rank] offsets of B rows
+    ranks: dict[str, torch.Tensor]        # group -> [layers, n_slices] int32
+    scales: dict[str, torch.Tensor]       # group -> [layers, n_slices] float32
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.numel() * self.pages.element_size()
+
+
+def pack_adapter(weights: AdapterWeights, args: ModelArgs, page_numel: int, max_rank: int,
+                 pin_memory: bool = False) -> PackedAdapter:
+    keys = sorted(weights.modules)
+    ranks = {key: weights.modules[key][0].shape[0] for key in keys}
+    offsets, num_pages = row_layout(adapter_pieces(args, ranks), page_numel)
+    dtype = next(iter(weights.modules.values()))[0].dtype
+    pages = torch.zeros(num_pages * page_numel, dtype=dtype, pin_memory=pin_memory)
+    shapes = {g: (args.num_layers, len(members)) for g, members in LORA_GROUPS.items()}
+    rel_a = {g: torch.zeros(*shape, max_rank, dtype=torch.int64) for g, shape in shapes.items()}
+    rel_b = {g: torch.zeros(*shape, max_rank, dtype=torch.int64) for g, shape in shapes.items()}
+    group_ranks = {g: torch.zeros(shape, dtype=torch.int32) for g, shape in shapes.items()}
+    group_scales = {g: torch.zeros(shape, dtype=torch.float32) for g, shape in shapes.items()}
+    for i, (layer, module) in enumerate(keys):
+        a_t, b, scale = weights.modules[(layer, module)]
+        g, s = GROUP_OF[module]
+        r = ranks[(layer, module)]
+        for rows, rel, table in ((a_t, offsets[2 * i], rel_a), (b, offsets[2 * i + 1], rel_b)):
+            pages[rel[:, None] + torch.arange(rows.shape[1])] = rows
+            table[g][layer, s, :r] = rel
+        group_ranks[g][layer, s], group_scales[g][layer, s] = r, scale
+    return PackedAdapter(weights.adapter_id, weights.sha256, pages.view(num_pages, page_numel), rel_a, rel_b,
+                         group_ranks, group_scales)
+
+
 class ResidentAdapters:
     def __init__(self, args: ModelArgs, pool: PagePool, num_slots: int, max_rank: int, device: str):
         self.args, self.pool, self.device = args, pool, device
@@ -68,10 +115,7 @@ class ResidentAdapters:
         self.resident: OrderedDict[str, tuple[int, list[int], str]] = OrderedDict()  # id -> slot, pages, sha; LRU order
         self.loads = 0
         self.bytes_loaded = 0
-
-    def pages_needed(self, weights: AdapterWeights) -> int:
-        ranks = {key: a.shape[0] for key, (a, _, _) in weights.modules.items()}
-        return row_layout(adapter_pieces(self.args, ranks), self.pool.page_numel)[1]
+        self.copy_stream = torch.cuda.Stream() if str(device).startswith("cuda") else None
 
     def slot(self, adapter_id: str) -> int:
         return self.resident[adapter_id][0]
@@ -82,44 +126,31 @@ class ResidentAdapters:
     def touch(self, adapter_id: str) -> None:
         self.resident.move_to_end(adapter_id)
 
-    def can_load(self, weights: AdapterWeights) -> bool:
-        return bool(self.free_slots) and self.pages_needed(weights) <= self.pool.num_free
+    def can_load(self, packed: PackedAdapter) -> bool:
+        return bool(self.free_slots) and packed.num_pages <= self.pool.num_free
 
-    def load(self, weights: AdapterWeights) -> int:
-        """Copy an adapter's rows into free pool pages and fill its slot in the tables."""
-        keys = sorted(weights.modules)
-        ranks = {key: weights.modules[key][0].shape[0] for key in keys}
-        offsets, num_pages = row_layout(adapter_pieces(self.args, ranks), self.pool.page_numel)
-        page_numel = self.pool.page_numel
-        staging = torch.zeros(num_pages * page_numel, dtype=self.pool.pages.dtype)
-        for i, key in enumerate(keys):
-            a_t, b, _ = weights.modules[key]
-            for rows, rel in ((a_t, offsets[2 * i]), (b, offsets[2 * i + 1])):
-                staging[rel[:, None] + torch.arange(rows.shape[1])] = rows
-        pages = self.pool.allocate(num_pages)
-        page_ids = torch.tensor(pages, dtype=torch.int64)
-        self.pool.pages[page_ids.to(self.device)] = staging.view(num_pages, page_numel).to(self.device,
-                                                                                            non_blocking=True)
+    def load(self, packed: PackedAdapter) -> int:
+        """Copy an adapter's pages into free pool pages and point its slot's tables at them.
+
+        On CUDA the copy runs on a side stream from pinned memory: the host does not wait, and only work
+        queued after the load waits for it."""
+        pages = self.pool.allocate(packed.num_pages)
         slot = self.free_slots.pop()
-        for group, members in LORA_GROUPS.items():
-            shape = (self.args.num_layers, len(members), self.a_rows[group].shape[-1])
-            a_rows, b_rows = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
-            group_ranks, group_scales = torch.zeros(shape[:2], dtype=torch.int32), torch.zeros(shape[:2])
-            for i, (layer, module) in enumerate(keys):
-                g, s = GROUP_OF[module]
-                if g != group:
-                    continue
-                r = ranks[(layer, module)]
-                for table, rel in ((a_rows, offsets[2 * i]), (b_rows, offsets[2 * i + 1])):
-                    table[layer, s, :r] = page_ids[rel // page_numel] * page_numel + rel % page_numel
-                group_ranks[layer, s], group_scales[layer, s] = r, weights.modules[(layer, module)][2]
-            self.a_rows[group][:, :, slot] = a_rows.to(self.device)
-            self.b_rows[group][:, :, slot] = b_rows.to(self.device)
-            self.ranks[group][:, :, slot] = group_ranks.to(self.device)
-            self.scales[group][:, :, slot] = group_scales.to(self.device)
-        self.resident[weights.adapter_id] = (slot, pages, weights.sha256)
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream else nullcontext():
+            page_ids = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.pool.pages[page_ids] = packed.pages.to(self.device, non_blocking=True)
+            page_numel = self.pool.page_numel
+            for group in LORA_GROUPS:
+                for table, rel in ((self.a_rows, packed.rel_a), (self.b_rows, packed.rel_b)):
+                    rel = rel[group].to(self.device, non_blocking=True)
+                    table[group][:, :, slot] = page_ids[rel // page_numel] * page_numel + rel % page_numel
+                self.ranks[group][:, :, slot] = packed.ranks[group].to(self.device, non_blocking=True)
+                self.scales[group][:, :, slot] = packed.scales[group].to(self.device, non_blocking=True)
+        if self.copy_stream:
+            torch.cuda.current_stream().wait_stream(self.copy_stream)
+        self.resident[packed.adapter_id] = (slot, pages, packed.sha256)
         self.loads += 1
-        self.bytes_loaded += staging.numel() * staging.element_size()
+        self.bytes_loaded += packed.nbytes
         return slot
 
     def unload(self, adapter_id: str) -> None:

@@ -9,8 +9,10 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import torch
@@ -133,26 +135,25 @@ def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype
 
 
 class AdapterStore:
-    """Storage -> host-memory LRU (bounded in bytes); reads ahead in a background thread."""
+    """Storage -> host-memory LRU (bounded in bytes). Reads, validates and packs adapters (`pack` turns
+    AdapterWeights into what the device pool loads) in background threads ahead of need."""
 
     def __init__(self, root: str | None, args: ModelArgs, dtype: torch.dtype, max_rank: int,
-                 host_cache_bytes: int, storage_options: dict | None = None, pin_memory: bool = False):
+                 host_cache_bytes: int, pack: Callable[[AdapterWeights], Any], storage_options: dict | None = None):
         self.root, self.args, self.dtype, self.max_rank = root, args, dtype, max_rank
-        self.capacity, self.storage_options, self.pin_memory = host_cache_bytes, storage_options, pin_memory
-        self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self.capacity, self.pack, self.storage_options = host_cache_bytes, pack, storage_options
+        self._cache: OrderedDict[str, Any] = OrderedDict()
         self._failed: dict[str, str] = {}
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
         self.reads = 0
 
-    def _read(self, adapter_id: str) -> AdapterWeights:
+    def _read(self, adapter_id: str):
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} requested but no adapter root was given (--adapters)")
-        weights = read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank, self.storage_options)
-        if self.pin_memory:
-            weights.modules = {k: (a.pin_memory(), b.pin_memory(), s) for k, (a, b, s) in weights.modules.items()}
-        return weights
+        return self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
+                                      self.storage_options))
 
     def prefetch(self, adapter_ids) -> None:
         """Start reading adapters that will be needed soon (no-op for cached, failed or pending ones)."""
@@ -161,7 +162,8 @@ class AdapterStore:
                 if adapter_id not in self._cache and adapter_id not in self._failed and adapter_id not in self._pending:
                     self._pending[adapter_id] = self._reader.submit(self._read, adapter_id)
 
-    def get(self, adapter_id: str) -> AdapterWeights:
+    def get(self, adapter_id: str):
+        """The packed adapter (from the cache, a read under way, or read now); AdapterError if unusable."""
         with self._lock:
             if adapter_id in self._failed:
                 raise AdapterError(self._failed[adapter_id])
@@ -170,16 +172,16 @@ class AdapterStore:
                 return self._cache[adapter_id]
             future = self._pending.pop(adapter_id, None)
         try:
-            weights = future.result() if future else self._read(adapter_id)
+            packed = future.result() if future else self._read(adapter_id)
         except AdapterError as e:
             self._failed[adapter_id] = str(e)
             raise
         with self._lock:
             self.reads += 1
-            self._cache[adapter_id] = weights
-            while sum(w.nbytes for w in self._cache.values()) > self.capacity and len(self._cache) > 1:
+            self._cache[adapter_id] = packed
+            while sum(p.nbytes for p in self._cache.values()) > self.capacity and len(self._cache) > 1:
                 self._cache.popitem(last=False)
-        return weights
+        return packed
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from engine.adapter_memory import pack_adapter
 from engine.adapters import AdapterStore
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
@@ -49,9 +50,12 @@ class Engine:
         args = self.runner.args
         self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
                                  args.sliding_window or args.max_position_embeddings)
-        self.adapter_store = AdapterStore(config.adapters, args, config.torch_dtype, config.max_lora_rank,
-                                          config.host_cache_bytes, config.storage_options,
-                                          pin_memory=config.device.startswith("cuda"))
+        pool, max_rank = self.runner.pool, config.max_lora_rank
+        self.adapter_store = AdapterStore(
+            config.adapters, args, config.torch_dtype, max_rank, config.host_cache_bytes,
+            lambda weights: pack_adapter(weights, args, pool.page_numel, max_rank,
+                                         pin_memory=config.device.startswith("cuda")),
+            config.storage_options)
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store)
         self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
 

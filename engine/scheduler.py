@@ -65,11 +65,11 @@ class Scheduler:
         if adapter_id in self.adapters.resident:
             self.adapters.touch(adapter_id)
             return True
-        weights = self.store.get(adapter_id)   # AdapterError propagates to the caller
-        while not self.adapters.can_load(weights):
+        packed = self.store.get(adapter_id)   # AdapterError propagates to the caller
+        while not self.adapters.can_load(packed):
             if not self._evict_idle(active):
                 return False
-        self.adapters.load(weights)
+        self.adapters.load(packed)
         return True
 
     def _evict_idle(self, active: set[str]) -> bool:

@@ -96,7 +96,8 @@ def test_store_remembers_failures_and_evicts_by_bytes(base):
         build_adapter(base / "adapters" / f"lru{i}", base / "model", rank=8, seed=i)
     args = load_model_args(str(base / "model"))
     one = read(base, "lru0").nbytes
-    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=2 * one)
+    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=2 * one,
+                         pack=lambda weights: weights)
     for i in range(3):
         store.get(f"lru{i}")
     assert list(store._cache) == ["lru1", "lru2"]   # lru0 evicted: the cache holds two adapters' bytes

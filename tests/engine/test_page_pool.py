@@ -4,7 +4,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.adapter_memory import ResidentAdapters, adapter_pieces, row_layout
+from engine.adapter_memory import ResidentAdapters, adapter_pieces, pack_adapter, row_layout
 from engine.adapters import AdapterWeights
 from engine.model import ModelArgs
 from engine.page_pool import PagePool
@@ -16,7 +16,7 @@ def make_pool(num_pages=64):
     return PagePool(num_pages, ARGS.num_layers, 16, ARGS.num_kv_heads, ARGS.head_dim, torch.float32, "cpu")
 
 
-def random_adapter(adapter_id: str, rank: int, modules=("q_proj", "v_proj", "down_proj"), seed=0) -> AdapterWeights:
+def random_weights(adapter_id: str, rank: int, modules=("q_proj", "v_proj", "down_proj"), seed=0) -> AdapterWeights:
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for layer in range(ARGS.num_layers):
@@ -24,6 +24,10 @@ def random_adapter(adapter_id: str, rank: int, modules=("q_proj", "v_proj", "dow
             d_in, d_out = ARGS.lora_dims(m)
             weights[(layer, m)] = (torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g), 0.5)
     return AdapterWeights(adapter_id, adapter_id, 0, weights)
+
+
+def random_adapter(adapter_id: str, rank: int, seed=0):
+    return pack_adapter(random_weights(adapter_id, rank, seed=seed), ARGS, make_pool().page_numel, 64)
 
 
 def test_pages_grow_with_rank_not_with_the_largest_rank():
@@ -44,11 +48,11 @@ def test_adapters_of_mixed_ranks_and_kv_blocks_interleave_free_and_reuse():
     pool = make_pool(64)
     resident = ResidentAdapters(ARGS, pool, num_slots=4, max_rank=64, device="cpu")
     kv_a = pool.allocate(3)
-    small = random_adapter("small", 2, seed=1)
-    big = random_adapter("big", 32, seed=2)
-    slot_small = resident.load(small)
+    small = random_weights("small", 2, seed=1)
+    big = random_weights("big", 32, seed=2)
+    slot_small = resident.load(pack_adapter(small, ARGS, pool.page_numel, 64))
     kv_b = pool.allocate(2)
-    slot_big = resident.load(big)
+    slot_big = resident.load(pack_adapter(big, ARGS, pool.page_numel, 64))
     used_small = set(resident.resident["small"][1])
     assert len(used_small) < len(resident.resident["big"][1])
     assert not used_small & set(kv_a + kv_b) and not set(resident.resident["big"][1]) & set(kv_a + kv_b)
