@@ -48,8 +48,7 @@ class Engine:
         self.tokenizer = Tokenizer(config.model, config.storage_options)
         self.runner = ModelRunner(config)
         args = self.runner.args
-        self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
-                                 args.sliding_window or args.max_position_embeddings)
+        self.max_model_len = self.runner.max_model_len
         pool, max_rank = self.runner.pool, config.max_lora_rank
         self.adapter_store = AdapterStore(
             config.adapters, args, config.torch_dtype, max_rank, config.host_cache_bytes,

@@ -3,6 +3,7 @@ import torch
 
 from engine.adapter_memory import ResidentAdapters
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.loader import load_model
 from engine.lora import LoraBatch
 from engine.model import Batch, ModelArgs
@@ -44,6 +45,12 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.pool.kv_cache(i)
         self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
                                          config.device)
+        self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
+                                 args.sliding_window or args.max_position_embeddings)
+        self.graphs = None
+        if config.device.startswith("cuda") and config.cuda_graphs and config.use_triton:
+            self.graphs = DecodeGraphs(self.model, self.ops, self.adapters, self.pool, config.max_num_seqs,
+                                       self.pool.blocks_needed(self.max_model_len))
 
     def _slot_of(self, seq: Sequence) -> int:
         return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
@@ -80,10 +87,14 @@ class ModelRunner:
             token_slots = [self._slot_of(seq) for seq in seqs]
             width = max(len(seq.block_table) for seq in seqs)
             tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+            context_lens = [s.num_tokens for s in seqs]
+            if self.graphs and self.graphs.fits(len(seqs)):
+                hidden = self.graphs.run(input_ids, positions, slots, token_slots, tables, context_lens)
+                return self.model.compute_logits(hidden)
             batch = Batch(False, self._tensor(slots), self.ops, None,
                           block_tables=self._tensor(tables, torch.int32),
-                          context_lens=self._tensor([s.num_tokens for s in seqs], torch.int32))
+                          context_lens=self._tensor(context_lens, torch.int32))
             last = None
-        batch.lora = LoraBatch(self.ops, self.adapters, token_slots, self.device)
+        batch.lora = LoraBatch.from_token_slots(self.ops, self.adapters, token_slots, self.device)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
         return self.model.compute_logits(hidden if last is None else hidden[last])

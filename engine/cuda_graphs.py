@@ -1,0 +1,68 @@
+"""Decode steps replayed from CUDA graphs, one per batch-size bucket (as nano-vllm does).
+
+Inputs live in static buffers sized for the largest bucket. Adapter slots are graph inputs (one segment
+per token, the gather form of the LoRA kernels), so a batch of new adapters needs no new capture. Rows
+that pad a batch up to its bucket write their K/V into a scratch page and are discarded.
+"""
+import torch
+
+from engine.lora import LoraBatch
+from engine.model import Batch, Transformer
+from engine.page_pool import PagePool
+
+
+class DecodeGraphs:
+    def __init__(self, model: Transformer, ops, adapters, pool: PagePool, max_batch: int, max_blocks: int):
+        device = pool.pages.device
+        self.model, self.ops, self.adapters, self.block_size = model, ops, adapters, pool.block_size
+        self.scratch = pool.allocate(1)[0]
+        self.buckets = sorted(b for b in {1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch} if b <= max_batch)
+        n = self.buckets[-1]
+        i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
+        self.input_ids, self.positions = torch.zeros(n, **i64), torch.zeros(n, **i64)
+        self.slot_mapping = torch.full((n,), self.scratch * self.block_size, **i64)
+        self.token_slots = torch.full((n,), -1, **i32)
+        self.seg_starts = torch.arange(n + 1, **i32)
+        self.block_tables = torch.full((n, max_blocks), self.scratch, **i32)
+        self.context_lens = torch.ones(n, **i32)
+        self.hidden = torch.zeros(n, model.args.hidden_size, dtype=pool.pages.dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        memory_pool = None
+        for bs in reversed(self.buckets):   # largest first, so smaller graphs reuse its memory
+            self.hidden[:bs] = self._forward(bs)   # warm-up: compiles the kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, memory_pool):
+                self.hidden[:bs] = self._forward(bs)
+            memory_pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        lora = LoraBatch(self.ops, self.adapters, self.seg_starts[: bs + 1], self.token_slots[:bs], 1)
+        batch = Batch(False, self.slot_mapping[:bs], self.ops, lora, block_tables=self.block_tables[:bs],
+                      context_lens=self.context_lens[:bs])
+        return self.model(self.input_ids[:bs], self.positions[:bs], batch)
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.buckets[-1]
+
+    def run(self, input_ids, positions, slots, token_slots, block_tables, context_lens) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode batch of n <= the largest bucket (lists as model_runner builds)."""
+        n = len(input_ids)
+        bs = next(b for b in self.buckets if b >= n)
+        device = self.input_ids.device
+
+        def put(buffer, values, pad):
+            buffer[:n] = torch.tensor(values, dtype=buffer.dtype).to(device, non_blocking=True)
+            buffer[n:bs] = pad
+
+        put(self.input_ids, input_ids, 0)
+        put(self.positions, positions, 0)
+        put(self.slot_mapping, slots, self.scratch * self.block_size)
+        put(self.token_slots, token_slots, -1)
+        put(self.context_lens, context_lens, 1)
+        self.block_tables[:bs] = self.scratch
+        width = len(block_tables[0])
+        self.block_tables[:n, :width] = torch.tensor(block_tables, dtype=torch.int32).to(device, non_blocking=True)
+        self.graphs[bs].replay()
+        return self.hidden[:n]
