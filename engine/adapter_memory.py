@@ -72,6 +72,17 @@ class PackedAdapter:
         return self.pages.numel() * self.pages.element_size()
 
 
+def _copy_rows(flat: torch.Tensor, rows: torch.Tensor, offsets: list[int]) -> None:
+    """flat[offsets[k]:offsets[k] + d] = rows[k], one slice copy per run of rows laid back to back."""
+    d, i = rows.shape[1], 0
+    while i < len(offsets):
+        j = i + 1
+        while j < len(offsets) and offsets[j] == offsets[j - 1] + d:
+            j += 1
+        flat[offsets[i]: offsets[i] + (j - i) * d] = rows[i:j].reshape(-1)
+        i = j
+
+
 def pack_adapter(weights: AdapterWeights, args: ModelArgs, page_numel: int, max_rank: int,
                  pin_memory: bool = False) -> PackedAdapter:
     keys = sorted(weights.modules)
@@ -89,7 +100,7 @@ def pack_adapter(weights: AdapterWeights, args: ModelArgs, page_numel: int, max_
         g, s = GROUP_OF[module]
         r = ranks[(layer, module)]
         for rows, rel, table in ((a_t, offsets[2 * i], rel_a), (b, offsets[2 * i + 1], rel_b)):
-            pages[rel[:, None] + torch.arange(rows.shape[1])] = rows
+            _copy_rows(pages, rows, rel.tolist())
             table[g][layer, s, :r] = rel
         group_ranks[g][layer, s], group_scales[g][layer, s] = r, scale
     return PackedAdapter(weights.adapter_id, weights.sha256, pages.view(num_pages, page_numel), rel_a, rel_b,

@@ -10,6 +10,7 @@ import torch
 from engine.adapter_memory import pack_adapter
 from engine.adapters import AdapterStore
 from engine.config import EngineConfig
+from engine.model import Transformer
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestOutput
 from engine.scheduler import Scheduler
@@ -43,10 +44,10 @@ def default_seed(request_id: str) -> int:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model: Transformer | None = None):
         self.config = config
         self.tokenizer = Tokenizer(config.model, config.storage_options)
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, model)
         args = self.runner.args
         self.max_model_len = self.runner.max_model_len
         pool, max_rank = self.runner.pool, config.max_lora_rank

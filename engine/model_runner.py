@@ -6,7 +6,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.loader import load_model
 from engine.lora import LoraBatch
-from engine.model import Batch, ModelArgs
+from engine.model import Batch, ModelArgs, Transformer
 from engine.page_pool import PagePool
 from engine.sampling import sample_next_tokens
 from engine.sequence import Sequence
@@ -33,9 +33,10 @@ def pool_geometry(config: EngineConfig, args: ModelArgs) -> tuple[int, int, int]
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model: Transformer | None = None):
+        """`model`: an already built model (benchmarks build random weights on the device); default: load it."""
         self.config, self.device = config, config.device
-        self.model = load_model(config.model, config.torch_dtype, config.device, config.storage_options)
+        self.model = model or load_model(config.model, config.torch_dtype, config.device, config.storage_options)
         self.args = args = self.model.args
         self.ops = kernel_ops(config.use_triton)
         block_size, _, num_pages = pool_geometry(config, args)

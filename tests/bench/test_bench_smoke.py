@@ -1,0 +1,66 @@
+"""The end-to-end benchmark runs on CPU with --tiny and reports every case with consistent counts.
+
+No timing is asserted: the numbers come from a tiny model on a shared CPU.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = ["lorafleet-base", "lorafleet-N1", "lorafleet-N12", "lorafleet-arrival-N12", "peft-mixed", "peft-single",
+         "roofline"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run = subprocess.run([sys.executable, "-m", "bench.bench_e2e", "--tiny", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((out / "bench_e2e.json").read_text()), run.stdout, out
+
+
+def test_every_case_is_reported_in_json_table_and_chart(report):
+    data, stdout, out = report
+    cases = {c["case"]: c for c in data["cases"]}
+    assert list(cases) == CASES
+    for name in CASES:
+        assert name in stdout
+    assert (out / "bench_e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for c in data["cases"]:
+        assert c["output_tokens_per_s"] > 0 and math.isfinite(c["output_tokens_per_s"]), c["case"]
+        assert c["roofline_fraction"] > 0, c["case"]
+    assert cases["lorafleet-base"]["vs_base"] == 1.0
+    assert cases["peft-mixed"]["vs_peft_mixed"] == 1.0
+
+
+def test_lorafleet_cases_generate_exactly_the_fixed_output_lengths(report):
+    data, _, _ = report
+    meta = data["meta"]
+    for c in data["cases"]:
+        if not c["case"].startswith("lorafleet"):
+            continue
+        assert (c["requests_done"], c["requests_failed"], c["truncated"]) == (meta["requests_per_case"], 0, False)
+        assert c["output_tokens"] == meta["output_tokens_per_case"], c["case"]   # no EOS cuts a request short
+        assert c["prompt_tokens"] >= meta["prompt_tokens_per_case"], c["case"]  # more only if preempted
+
+
+def test_adapter_counts(report):
+    data, _, _ = report
+    cases = {c["case"]: c for c in data["cases"]}
+    max_active = data["meta"]["engine"]["max_active_adapters"]
+    base, planned, arrival = cases["lorafleet-base"], cases["lorafleet-N12"], cases["lorafleet-arrival-N12"]
+    assert (base["adapter_loads"], base["mean_adapters_per_decode_step"]) == (0, 0)
+    assert cases["lorafleet-N1"]["adapter_loads"] == 1
+    # The planner's order loads each adapter once; arrival order can only need more loads.
+    assert planned["adapter_loads"] == planned["distinct_adapters"] > 1
+    assert arrival["adapter_loads"] >= planned["adapter_loads"]
+    for c in (planned, arrival):
+        assert 1 <= c["mean_adapters_per_decode_step"] <= max_active
+    peft = cases["peft-mixed"]
+    assert peft["output_tokens"] == data["meta"]["peft_batch"] * data["meta"]["peft_new_tokens"]
+    assert peft["adapter_loads"] == peft["n_adapters"] == peft["mean_adapters_per_decode_step"]
