@@ -2,7 +2,7 @@
 
 `kernel_ops(use_triton)` picks one set; the engine uses Triton on CUDA and the references on CPU.
 Importing this package needs triton installed but no GPU (kernels compile on first launch); on CPU the
-Triton set runs only under TRITON_INTERPRET=1, which must be set before this package is imported.
+Triton set runs only under TRITON_INTERPRET=1, set before triton is first imported.
 """
 from types import SimpleNamespace
 

@@ -17,7 +17,7 @@ def lora_expand_ref(y: torch.Tensor, xa: torch.Tensor, pool: torch.Tensor, b_row
     y [T, slice_offsets[-1]]; xa float32 [n_slices, T, R] from lora_shrink; b_rows int64 [n_slices, S, R];
     ranks int32 [n_slices, S]; scales float32 [n_slices, S]; segments as in lora_shrink.
     for each segment g with slot a >= 0, slice s:
-        y[tokens(g), off_s:off_s+1] += (xa[s, tokens(g), :r] @ B[s, a, :r]) * scales[s, a]
+        y[tokens(g), off[s]:off[s+1]] += (xa[s, tokens(g), :r] @ B[s, a, :r]) * scales[s, a]
     """
     starts, slots = seg_starts.tolist(), seg_slots.tolist()
     for g, slot in enumerate(slots):

@@ -103,6 +103,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_size, block_tables.shape[1], head_dim, group,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),          # tl.dot needs every dim >= 16
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out

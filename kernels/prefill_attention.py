@@ -72,7 +72,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       max_seqlen: int, scale: float) -> torch.Tensor:
     """Triton version of prefill_attention_ref (same arguments and result).
 
-    One program per (sequence, block of 64 queries, query head); keys past the block's last query are
+    One program per (sequence, block of queries, query head); keys past the block's last query are
     never read. q/k/v may be strided views (e.g. split from one qkv projection); the last dim is dense.
     """
     n_tokens, n_heads, head_dim = q.shape
@@ -84,11 +84,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     out = torch.empty_like(q)
     if n_tokens == 0:
         return out
-    block_m = 64
-    grid = (cu_seqlens.shape[0] - 1, triton.cdiv(max_seqlen, block_m), n_heads)
+    block = 32 if q.dtype == torch.float32 else 64        # fp32 tiles twice the bytes: keep shared memory < 100 KB
+    grid = (cu_seqlens.shape[0] - 1, triton.cdiv(max_seqlen, block), n_heads)
     _prefill_kernel[grid](q, k, v, cu_seqlens, out, scale, head_dim, n_heads // n_kv_heads,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           out.stride(0), out.stride(1),
-                          BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+                          BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                           DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out

@@ -1,8 +1,15 @@
 """Session-wide tiny fleets: a random checkpoint per architecture and PEFT adapters of mixed ranks."""
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU only in the interpreter, which must be on before anything imports triton
+    # (peft and transformers do).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.checkpoints import build_adapter, build_checkpoint
 

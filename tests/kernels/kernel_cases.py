@@ -8,8 +8,8 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The interpreter mis-computes tl.dot on bfloat16 inputs: bf16 runs only on a GPU.
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 needs a GPU"))
-DTYPES = [torch.float32, torch.float16, BF16]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 needs a GPU"))]
 
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
               torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
@@ -91,9 +91,10 @@ def make_lora_case(pattern: str, n_tokens: int, d_in: int, d_outs: tuple[int, ..
     token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
     offsets = tuple(torch.tensor((0,) + d_outs).cumsum(0).tolist())
     x = torch.randn(n_tokens, d_in, generator=gen)
-    return LoraCase(x=x.to(DEVICE, dtype), pool=pool.flatten().to(DEVICE, dtype), a_rows=a_rows.to(DEVICE), b_rows=b_rows.to(DEVICE), ranks=ranks.to(DEVICE),
-                    scales=scales.to(DEVICE), seg_starts=starts.to(DEVICE, torch.int32),
-                    seg_slots=torch.tensor(slots, dtype=torch.int32, device=DEVICE), max_seg_len=max(lengths),
+    return LoraCase(x=x.to(DEVICE, dtype), pool=pool.flatten().to(DEVICE, dtype), a_rows=a_rows.to(DEVICE),
+                    b_rows=b_rows.to(DEVICE), ranks=ranks.to(DEVICE), scales=scales.to(DEVICE),
+                    seg_starts=starts.to(DEVICE, torch.int32), max_seg_len=max(lengths),
+                    seg_slots=torch.tensor(slots, dtype=torch.int32, device=DEVICE),
                     slice_offsets=offsets, a_dense=a_dense, b_dense=b_dense, token_slots=token_slots)
 
 

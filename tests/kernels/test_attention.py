@@ -118,7 +118,7 @@ def test_paged_decode_replays_in_a_cuda_graph_with_new_context_lens():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    context_lens.copy_(torch.tensor([41, 4, 0, 17], dtype=torch.int32))
+    context_lens.copy_(torch.tensor([41, 16, 96, 0], dtype=torch.int32))   # within the pages held
     graph.replay()
     torch.cuda.synchronize()
     expected = paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, 0.3)

@@ -1,0 +1,79 @@
+"""Compile every kernel configuration the wrappers launch for an H100 (sm_90), without a GPU.
+
+Run as a script in a process without TRITON_INTERPRET (test_compile_for_h100.py does so): each kernel's
+launch is replaced by an ahead-of-time triton.compile of the same arguments and constexprs, then the
+wrappers are called on small CPU tensors of each dtype and form. This catches what the interpreter never
+checks, as it never lowers to PTX: types, tl.dot shapes, shared memory.
+"""
+import importlib
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import lora_expand, lora_shrink, paged_attention_decode, prefill_attention
+
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                torch.int64: "i64"}
+H100 = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY_LIMIT = 227 * 1024
+
+
+class CompileInsteadOfLaunch:
+    def __init__(self, module, name: str):
+        self.kernel, self.compiled = getattr(module, name), []
+        setattr(module, name, self)
+
+    def __getitem__(self, grid):
+        return self.compile
+
+    def compile(self, *args, **constexprs):
+        names = self.kernel.arg_names
+        signature = {name: "constexpr" if name in constexprs else self.type_of(arg)
+                     for name, arg in zip(names, list(args) + [None] * len(constexprs))}
+        source = ASTSource(self.kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(source, target=H100)
+        assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT, (self.kernel.__name__, constexprs)
+        self.compiled.append((self.kernel.__name__, signature, constexprs, compiled.metadata.shared))
+
+    @staticmethod
+    def type_of(arg) -> str:
+        if isinstance(arg, torch.Tensor):
+            return "*" + TRITON_TYPES[arg.dtype]
+        if isinstance(arg, float):
+            return "fp32"
+        return "i64" if abs(arg) >= 2 ** 31 else "i32"
+
+
+def main() -> None:
+    # the package exports each module's function under the module's name, so reach the modules by import
+    launches = [CompileInsteadOfLaunch(importlib.import_module(f"kernels.{module}"), kernel) for module, kernel in [
+        ("lora_shrink", "_shrink_kernel"), ("lora_expand", "_expand_kernel"),
+        ("paged_attention", "_paged_decode_kernel"), ("prefill_attention", "_prefill_kernel")]]
+    ints = dict(dtype=torch.int32)
+    for dtype in (torch.bfloat16, torch.float32):                 # fp16 lowers as bf16 does
+        pool = torch.zeros(4096, dtype=dtype)
+        a_rows = torch.zeros(3, 4, 64, dtype=torch.int64)
+        ranks, scales = torch.ones(3, 4, **ints), torch.ones(3, 4)
+        for n_tokens, max_seg_len in [(8, 1), (8, 8), (100, 100)]:               # gather, short and long segments
+            seg_starts = torch.arange(0, n_tokens + 1, max_seg_len, **ints)
+            seg_slots = torch.zeros(seg_starts.shape[0] - 1, **ints)
+            x = torch.zeros(n_tokens, 64, dtype=dtype)
+            xa = lora_shrink(x, pool, a_rows, ranks, seg_starts, seg_slots, max_seg_len)
+            lora_expand(torch.zeros(n_tokens, 96, dtype=dtype), xa, pool, a_rows, ranks, scales,
+                        seg_starts, seg_slots, max_seg_len, (0, 32, 64, 96))
+        kv = torch.zeros(4, 2, 16, 2, 128, dtype=dtype)
+        paged_attention_decode(torch.zeros(3, 8, 128, dtype=dtype), kv[:, 0], kv[:, 1], torch.zeros(3, 2, **ints),
+                               torch.ones(3, **ints), 0.1)
+        q = torch.zeros(10, 8, 128, dtype=dtype)
+        prefill_attention(q, q[:, :2], q[:, 2:4], torch.tensor([0, 10], **ints), 10, 0.1)
+    for launch in launches:
+        for name, _, constexprs, shared in launch.compiled:
+            print(f"{name} {constexprs} shared={shared}")
+    sys.exit(0 if all(launch.compiled for launch in launches) else 1)
+
+
+if __name__ == "__main__":
+    main()
