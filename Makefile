@@ -22,8 +22,10 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# Dagster UI on the demo's data (LORAFLEET_ROOT=... for other data); ARGS="-p 3001 -h 0.0.0.0"
 ui: $(STAMP)
-	$(PY) -m dagster_project.ui
+	test -d demo_data || $(MAKE) demo
+	$(PY) -m dagster_project.ui $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_e2e

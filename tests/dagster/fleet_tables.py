@@ -8,6 +8,7 @@ from pipeline.layout import requests_url, results_url
 from pipeline.schema import RESULT_SCHEMA
 
 DATES = ["2026-01-01", "2026-01-02"]
+ADAPTER_IDS = ["r8-qv", "r64-mlp-o"]   # two of the adapters of tests/conftest.py's llama_fleet
 
 
 def write_requests(root, date: str, rows: list[dict], name: str = "part-0.parquet") -> Path:
@@ -26,10 +27,10 @@ def write_results(root, date: str, rows: list[dict], name: str = "part-000000.pa
 
 
 def night_rows() -> list[dict]:
-    """A night: six good rows over adapters a0, a1 and the base model, then a duplicated id, a row with a
-    bad adapter id and a row for an adapter that does not exist: 8 request ids, 2 of them error rows."""
+    """A night: six good rows over the two ADAPTER_IDS and the base model, then a duplicated id, a row with
+    a bad adapter id and a row for an adapter that does not exist: 8 request ids, 2 of them error rows."""
     words = [f"w{i}" for i in range(1, 12)]
-    rows = [{"request_id": f"r{i}", "adapter_id": ["a0", "a1", None][i % 3], "prompt": " ".join(words[i:i + 3]),
+    rows = [{"request_id": f"r{i}", "adapter_id": [*ADAPTER_IDS, None][i % 3], "prompt": " ".join(words[i:i + 3]),
              "max_new_tokens": 3, "task": "reverse", "reference": " ".join(words[i:i + 3][::-1])}
             for i in range(6)]
     return rows + [{**rows[0], "prompt": "w9"}, {**rows[1], "request_id": "bad", "adapter_id": "not ok!"},

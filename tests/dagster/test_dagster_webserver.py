@@ -15,7 +15,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from fleet_tables import DATES
+from fleet_tables import ADAPTER_IDS, DATES
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -107,10 +107,10 @@ def step_times(run: dict, step: str) -> tuple[float, float]:
 
 
 @pytest.mark.e2e
-def test_backfill_of_two_nights_from_the_webserver(fleet, tmp_path):
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORAFLEET_ROOT": fleet.root,
-           "LORAFLEET_MODEL": fleet.model, "LORAFLEET_ADAPTERS": fleet.adapters,
-           "LORAFLEET_MAX_ERROR_RATE": str(fleet.max_error_rate)}
+def test_backfill_of_two_nights_from_the_webserver(lorafleet, tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORAFLEET_ROOT": lorafleet.root,
+           "LORAFLEET_MODEL": lorafleet.model, "LORAFLEET_ADAPTERS": lorafleet.adapters,
+           "LORAFLEET_MAX_ERROR_RATE": str(lorafleet.max_error_rate)}
     log = tmp_path / "dagster_dev.log"
     with dagster_dev(env, log) as url:
         params = {"assetSelection": [{"path": [a]} for a in ASSETS], "partitionNames": DATES,
@@ -130,22 +130,24 @@ def test_backfill_of_two_nights_from_the_webserver(fleet, tmp_path):
 
         show_in_chromium(url, backfill_id)
 
-    results = pl.read_parquet(f"{fleet.root}/results/**/*.parquet", hive_partitioning=True)
+    results = pl.read_parquet(f"{lorafleet.root}/results/**/*.parquet", hive_partitioning=True)
     assert results.group_by(pl.col("date").cast(pl.String)).len().sort("date").rows() == [(d, 8) for d in DATES]
     assert results.filter(pl.col("finish_reason") == "error")["request_id"].sort().to_list() == \
         ["bad", "bad", "ghost", "ghost"]
     per_adapter = duckdb.sql(f"""
         SELECT CAST(date AS VARCHAR) AS date, coalesce(adapter_id, 'base') AS adapter, count(*) AS rows,
                sum(output_tokens) AS output_tokens
-        FROM read_parquet('{fleet.root}/results/**/*.parquet', hive_partitioning = true)
+        FROM read_parquet('{lorafleet.root}/results/**/*.parquet', hive_partitioning = true)
         WHERE finish_reason <> 'error'
         GROUP BY ALL ORDER BY ALL""").fetchall()
-    assert [(d, a, n) for d, a, n, _ in per_adapter] == [(d, a, 2) for d in DATES for a in ["a0", "a1", "base"]]
+    adapters = sorted([*ADAPTER_IDS, "base"])
+    assert [(d, a, n) for d, a, n, _ in per_adapter] == [(d, a, 2) for d in DATES for a in adapters]
     assert all(tokens > 0 for *_, tokens in per_adapter)
 
 
 def show_in_chromium(url: str, backfill_id: str) -> None:
-    """The asset graph shows the four assets and the backfill page shows the finished backfill."""
+    """The asset graph shows the four assets with their passed checks; the backfill page shows every asset
+    100% completed over the two nights. Both screenshots go to test-artifacts/."""
     from playwright.sync_api import expect, sync_playwright
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
@@ -155,11 +157,16 @@ def show_in_chromium(url: str, backfill_id: str) -> None:
             page.goto(f"{url}/asset-groups")
             for name in ASSETS:
                 expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("2 / 2 Passed")).to_be_visible(timeout=60_000)    # generations' checks
+            expect(page.get_by_text("1 / 1 Passed")).to_be_visible()                   # adapter_metrics'
             page.screenshot(path=ARTIFACTS / "dagster-asset-graph.png")
-            page.goto(f"{url}/runs/b/{backfill_id}?tab=partitions")
-            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=60_000)
-            for date in DATES:
-                expect(page.get_by_text(date).first).to_be_visible()
-            page.screenshot(path=ARTIFACTS / "dagster-backfill.png", full_page=True)
+
+            page.goto(f"{url}/runs/b/{backfill_id}")
+            expect(page.locator('span[data-tooltip="Succeeded"]')).to_be_visible(timeout=60_000)  # the status tag
+            expect(page.get_by_text(f"{DATES[0]}...{DATES[1]}")).to_be_visible()
+            expect(page.get_by_text("100% completed")).to_have_count(len(ASSETS), timeout=60_000)
+            for name in ASSETS:
+                expect(page.locator(f'a[href="/assets/{name}"]')).to_be_visible()
+            page.screenshot(path=ARTIFACTS / "dagster-backfill.png")
         finally:
             browser.close()
