@@ -9,6 +9,7 @@ import logging
 import sys
 
 from engine.config import EngineConfig
+from pipeline.report import report
 from pipeline.results import OutputLocked
 from pipeline.run import RunNotStarted, plan_run, run_requests
 from pipeline.schema import TableError
@@ -75,8 +76,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from pipeline.report import report
-    report(args.root, args.date, args.png)
+    print(f"chart: {report(args.root, args.date, args.png)}")
     return 0
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -38,7 +39,7 @@ from pipeline.storage import join
 
 SEED = 0
 EVAL_SEED = 10_000                     # the evaluation prompts, apart from every training seed
-MAX_NEW_TOKENS = 8                     # longest answer: 6 words and </s>
+MAX_NEW_TOKENS = 8                     # longest answer: 5 words and </s>, and room to ramble
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,11 @@ class DemoAdapter:
     adapter_id: str
     task: str
     lora: dict                         # LoraConfig kwargs
+    lr: float = 1e-2
 
 
 ADAPTERS = [
-    DemoAdapter("reverse-r8", "reverse", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    DemoAdapter("reverse-r8", "reverse", dict(r=8, lora_alpha=16, target_modules="all-linear"), lr=5e-3),
     DemoAdapter("sort-r16-rslora", "sort", dict(r=16, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
     DemoAdapter("next-r4", "next", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj",
                                                                           "up_proj", "down_proj"])),
@@ -59,22 +61,20 @@ ADAPTERS = [
                                                                                      "o_proj"])),
 ]
 SWAPPED = "sort-r16-rslora"            # republished, undertrained, before the last night
+SWAPPED_STEPS = 15                     # the bad checkpoint's training run
 
 
 @dataclass(frozen=True)
 class DemoSize:
     pretrain_steps: int
     adapter_steps: int
-    swapped_steps: int                 # the bad checkpoint's training run
     eval_per_adapter: int              # prompts per adapter per night
     eval_per_task_base: int            # prompts per task for the base model per night
 
 
 SIZES = {
-    "full": DemoSize(pretrain_steps=400, adapter_steps=300, swapped_steps=40, eval_per_adapter=32,
-                     eval_per_task_base=8),
-    "small": DemoSize(pretrain_steps=300, adapter_steps=200, swapped_steps=25, eval_per_adapter=12,
-                      eval_per_task_base=4),
+    "full": DemoSize(pretrain_steps=400, adapter_steps=300, eval_per_adapter=32, eval_per_task_base=8),
+    "small": DemoSize(pretrain_steps=300, adapter_steps=200, eval_per_adapter=12, eval_per_task_base=4),
 }
 
 
@@ -90,6 +90,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def one_torch_thread():
+    """A model this small gains nothing from more threads, and OpenMP threads that share busy cores with
+    other processes stall each other (we measured 30 steps/s falling to 0.3)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_dates(nights: int = 3) -> list[str]:
@@ -125,39 +137,41 @@ def build_fleet(root: str, size: DemoSize, console: Console):
     console.print(f"[bold]2/4[/] LoRA-training {len(ADAPTERS)} adapters ({size.adapter_steps} steps each)")
     for i, adapter in enumerate(ADAPTERS):
         loss = train_adapter(base, tokenizer, adapter.task, LoraConfig(lora_dropout=0.0, **adapter.lora),
-                             size.adapter_steps, seed=SEED + 100 + i, path=join(root, "adapters", adapter.adapter_id))
+                             size.adapter_steps, seed=SEED + 100 + i, path=join(root, "adapters", adapter.adapter_id),
+                             lr=adapter.lr)
         console.print(f"    {adapter.adapter_id:<16} task {adapter.task:<8} final loss {loss:.3f}")
     return base, tokenizer
 
 
-def publish_swapped(root: str, base, tokenizer, size: DemoSize) -> None:
+def publish_swapped(root: str, base, tokenizer) -> None:
     """Republish SWAPPED from a much shorter training run, in place, as a careless deploy would."""
     adapter = next(a for a in ADAPTERS if a.adapter_id == SWAPPED)
     path = join(root, "adapters", SWAPPED)
     shutil.rmtree(path)
-    train_adapter(base, tokenizer, adapter.task, LoraConfig(lora_dropout=0.0, **adapter.lora), size.swapped_steps,
-                  seed=SEED + 999, path=path)
+    train_adapter(base, tokenizer, adapter.task, LoraConfig(lora_dropout=0.0, **adapter.lora), SWAPPED_STEPS,
+                  seed=SEED + 999, path=path, lr=adapter.lr)
 
 
 def run_demo(root: str = "demo_data", size: str = "full", dates: list[str] | None = None,
              console: Console | None = None, progress: bool = True) -> DemoResult:
-    console = console or Console()
-    sizes = SIZES[size]
-    dates = dates or default_dates()
-    root = os.path.abspath(root)
+    with one_torch_thread():
+        return _run_demo(os.path.abspath(root), SIZES[size], dates or default_dates(), console or Console(), progress)
+
+
+def _run_demo(root: str, sizes: DemoSize, dates: list[str], console: Console, progress: bool) -> DemoResult:
     seed_everything(SEED)
     for folder in ("model", "adapters", "requests", "results", "metrics"):   # a rerun starts clean
         shutil.rmtree(join(root, folder), ignore_errors=True)
     base, tokenizer = build_fleet(root, sizes, console)
 
-    console.print(f"[bold]3/4[/] three nights of requests: {', '.join(dates)}")
+    console.print(f"[bold]3/4[/] {len(dates)} nights of requests: {', '.join(dates)}")
     config = EngineConfig(model=join(root, "model"), adapters=join(root, "adapters"), device="cpu",
                           dtype="float32", default_max_new_tokens=MAX_NEW_TOKENS)
     for night, date in enumerate(dates):
         if night == len(dates) - 1:
-            console.print(f"    [yellow]{date}: {SWAPPED} republished from a {sizes.swapped_steps}-step "
-                          f"training run (was {sizes.adapter_steps})[/]")
-            publish_swapped(root, base, tokenizer, sizes)
+            console.print(f"    [yellow]{date}: {SWAPPED} replaced by a {SWAPPED_STEPS}-step checkpoint "
+                          f"(was {sizes.adapter_steps} steps)[/]", soft_wrap=True)
+            publish_swapped(root, base, tokenizer)
         table = request_table(date, sizes)
         os.makedirs(requests_url(root, date), exist_ok=True)
         table.write_parquet(join(requests_url(root, date), "requests.parquet"))
@@ -180,9 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     console = Console()
     result = run_demo(args.root, args.size, console=console)
-    console.print(f"\nchart: {result.chart}")
-    console.print(f"results: polars.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)")
-    console.print(f"Dagster UI on these results: LORAFLEET_ROOT={result.root} make ui")
+    for line in (f"\nchart: {result.chart}",
+                 f"results: pl.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)",
+                 f"Dagster UI on these results: LORAFLEET_ROOT={result.root} make ui"):
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ emit them, stop), so each LoRA adapter only has to learn its own twist in a few 
 import json
 import os
 import random
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -15,6 +16,9 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from pipeline.demo_tasks import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, VOCAB, examples
+
+# peft calls a transformers method that transformers 5 deprecates; nothing for a demo user to act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 MODEL_CONFIG = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,

@@ -14,7 +14,6 @@ A regression against the previous night is a drop of more than `margin` in
 exact_match (fraction, 0-1), or in chrf / 100, or a rise of more than `margin` in error_rate.
 """
 import io
-import posixpath
 
 import fsspec
 import polars as pl
@@ -64,12 +63,12 @@ def score_groups(results: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 def compute_adapter_metrics(results: pl.DataFrame, date: str) -> pl.DataFrame:
     """One row per adapter: date, adapter_id, adapter_label, task (the adapter's tasks, comma-joined,
     null without a task column), requests, errors, error_rate, mean/p95 output tokens, exact_match, chrf."""
-    results = results.with_columns(pl.col("adapter_id").cast(pl.String))  # all-null columns read as Null
-    metrics = score_groups(results, ["adapter_id"])
+    # all-null columns read back as dtype Null; a table without tasks has none to list
+    results = results.with_columns(pl.col(c).cast(pl.String) if c in results.columns
+                                   else pl.lit(None, dtype=pl.String).alias(c) for c in ("adapter_id", "task"))
     tasks = (results.filter(pl.col("task").is_not_null()).group_by("adapter_id")
-             .agg(pl.col("task").unique().sort().str.join(",")) if "task" in results.columns
-             else pl.DataFrame(schema={"adapter_id": pl.String, "task": pl.String}))
-    metrics = metrics.join(tasks, on="adapter_id", how="left", nulls_equal=True)
+             .agg(pl.col("task").unique().sort().str.join(",")))
+    metrics = score_groups(results, ["adapter_id"]).join(tasks, on="adapter_id", how="left", nulls_equal=True)
     return metrics.select(
         pl.lit(date).alias("date"), "adapter_id",
         pl.col("adapter_id").fill_null(BASE_LABEL).alias("adapter_label"), "task",
@@ -105,10 +104,21 @@ def read_day(fs: fsspec.AbstractFileSystem, folder: str) -> pl.DataFrame | None:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
+def _day_folders(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
+    """The dates of the `date=YYYY-MM-DD` path components matched by pattern, oldest first."""
+    fs.invalidate_cache(pattern.split("/date=")[0])  # another process (or this one) may have written since
+    return sorted({part.removeprefix("date=") for p in fs.glob(pattern) for part in p.split("/")
+                   if part.startswith("date=")})
+
+
 def metric_dates(fs: fsspec.AbstractFileSystem, root_path: str) -> list[str]:
-    """Dates that have a metrics file, oldest first."""
-    found = fs.glob(join(root_path, "metrics", "date=*", METRICS_FILE))
-    return sorted(posixpath.basename(posixpath.dirname(p)).removeprefix("date=") for p in found)
+    """Nights that have a metrics file, oldest first."""
+    return _day_folders(fs, join(root_path, "metrics", "date=*", METRICS_FILE))
+
+
+def result_dates(fs: fsspec.AbstractFileSystem, root_path: str) -> list[str]:
+    """Nights that have result files, oldest first."""
+    return _day_folders(fs, join(root_path, "results", "date=*", "*.parquet"))
 
 
 def read_metrics_file(fs: fsspec.AbstractFileSystem, root_path: str, date: str) -> pl.DataFrame:
@@ -131,6 +141,16 @@ def nightly_metrics(root: str, date: str, *, margin: float = 0.05, storage_optio
     metrics.write_parquet(buffer)
     publish(fs, join(day, METRICS_FILE), buffer.getvalue(), tmp_dir=day)
     return metrics
+
+
+def score_unscored_nights(root: str, *, margin: float = 0.05, storage_options: dict | None = None) -> list[str]:
+    """Compute the metrics of every night that has results but no metrics yet, oldest first, so each
+    compares with the night before it (what `lorafleet report` does for people without Dagster)."""
+    fs, root_path = filesystem(root, storage_options)
+    unscored = sorted(set(result_dates(fs, root_path)) - set(metric_dates(fs, root_path)))
+    for date in unscored:
+        nightly_metrics(root, date, margin=margin, storage_options=storage_options)
+    return unscored
 
 
 def read_metrics(url: str, storage_options: dict | None = None) -> pl.DataFrame:

@@ -5,45 +5,51 @@ import posixpath
 import fsspec
 import matplotlib
 import polars as pl
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.metrics import read_metrics
+from pipeline.metrics import read_metrics, score_unscored_nights
 from pipeline.storage import join
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 CHART_SCORES = {"exact_match": "exact match", "chrf": "chrF"}
+MARKERS = "osD^vP*Xh<>"
 
 
 def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _with_delta(value, delta, fmt: str) -> str:
-    text = _number(value, fmt)
-    return text if delta is None else f"{text} ({delta:+{fmt}})"
+def _delta(value, fmt: str) -> str:
+    return "" if value is None else format(value, "+" + fmt)
 
 
 def metrics_table(night: pl.DataFrame) -> Table:
-    """The night's adapters, regressions in red and named."""
+    """The night's adapters, each score beside its change since the previous night; regressions in red."""
     date = night["date"][0]
-    regressed = night.filter("regressed")["adapter_label"].to_list()
-    caption = (f"[bold red]regressed: {', '.join(regressed)}[/]" if regressed
-               else "no regressions against the previous night")
-    table = Table(title=f"lorafleet adapter metrics, {date}", caption=caption)
-    for name in ("adapter", "task", "requests", "error rate", "exact match (Δ)", "chrF (Δ)", "mean out tok",
-                 "p95 out tok", "status"):
-        table.add_column(name, justify="left" if name in ("adapter", "task", "status") else "right")
+    regressed = night.filter("regressed").sort("adapter_label")
+    caption = ("[bold red]regressed: " + ", ".join(f"{label} ({names})" for label, names in
+                                                  regressed.select("adapter_label", "regressed_metrics").iter_rows())
+               + "[/]" if regressed.height else "no regressions against the previous night")
+    table = Table(title=f"adapter metrics, {date}", caption=caption, box=box.SIMPLE_HEAD, collapse_padding=True,
+                  pad_edge=False)
+    table.add_column("adapter", no_wrap=True, min_width=night["adapter_label"].str.len_chars().max())
+    table.add_column("task", no_wrap=True, min_width=7)
+    for name in ("reqs", "err", "exact", "Δ", "chrF", "Δ ", "tok"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=9)
     for row in night.sort("adapter_label").iter_rows(named=True):
-        status = f"REGRESSED: {row['regressed_metrics']}" if row["regressed"] else "ok"
+        tasks = (row["task"] or "-").split(",")
         table.add_row(
-            row["adapter_label"], row["task"] or "-", str(row["requests"]),
-            _with_delta(row["error_rate"], row["delta_error_rate"], ".2f"),
-            _with_delta(row["exact_match"], row["delta_exact_match"], ".2f"),
-            _with_delta(row["chrf"], row["delta_chrf"], ".1f"),
-            _number(row["mean_output_tokens"], ".1f"), _number(row["p95_output_tokens"], ".1f"), status,
+            row["adapter_label"], tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks", str(row["requests"]),
+            _number(row["error_rate"], ".0%"),
+            _number(row["exact_match"], ".2f"), _delta(row["delta_exact_match"], ".2f"),
+            _number(row["chrf"], ".1f"), _delta(row["delta_chrf"], ".1f"),
+            _number(row["mean_output_tokens"], ".1f"),
+            "REGRESSED" if row["regressed"] else "ok",
             style="bold red" if row["regressed"] else None)
     return table
 
@@ -52,21 +58,24 @@ def score_chart(metrics: pl.DataFrame) -> bytes:
     """PNG: one panel per score, one line per adapter over the nights, regressions circled in red."""
     dates = sorted(metrics["date"].unique().to_list())
     x_of = {d: i for i, d in enumerate(dates)}
-    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(6 * len(CHART_SCORES), 4.5), squeeze=False)
+    labels = sorted(metrics["adapter_label"].unique().to_list())
+    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(5 * len(CHART_SCORES) + 2, 4.5), squeeze=False)
     for ax, (score, title) in zip(axes[0], CHART_SCORES.items()):
-        for label, rows in metrics.sort("date").group_by("adapter_label", maintain_order=True):
-            rows = rows.filter(pl.col(score).is_not_null())
+        for i, label in enumerate(labels):
+            rows = metrics.filter((pl.col("adapter_label") == label) & pl.col(score).is_not_null()).sort("date")
             x = [x_of[d] for d in rows["date"]]
-            ax.plot(x, rows[score].to_list(), marker="o", label=label[0])
+            # distinct markers, shrinking, so adapters with equal scores stay visible on top of each other
+            ax.plot(x, rows[score].to_list(), marker=MARKERS[i % len(MARKERS)], markersize=max(11 - i, 4),
+                    label=label, alpha=0.85)
             bad = rows.filter("regressed")
-            ax.scatter([x_of[d] for d in bad["date"]], bad[score].to_list(), s=160, facecolors="none",
+            ax.scatter([x_of[d] for d in bad["date"]], bad[score].to_list(), s=260, facecolors="none",
                        edgecolors="red", linewidths=2, zorder=3)
         ax.set_title(title)
         ax.set_xticks(range(len(dates)), dates, rotation=30, ha="right")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize="small", loc="best")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize="small")
     fig.suptitle("adapter scores per night (red circle: regressed)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
@@ -75,8 +84,10 @@ def score_chart(metrics: pl.DataFrame) -> bytes:
 
 def report(root: str, date: str | None = None, out_png: str | None = None, *,
            storage_options: dict | None = None, console: Console | None = None) -> str:
-    """Print the table for `date` (default: the latest night) and write the chart of all nights to
-    `out_png` (default `<root>/metrics/scores.png`, any fsspec URL). Returns the chart's path."""
+    """Print the table for `date` (default: the latest night) and write the chart of the nights up to it to
+    `out_png` (default `<root>/metrics/scores.png`, any fsspec URL). Nights with results but no metrics
+    are scored first. Returns the chart's path."""
+    score_unscored_nights(root, storage_options=storage_options)
     metrics = read_metrics(join(root, "metrics"), storage_options)
     if metrics.is_empty():
         raise FileNotFoundError(f"no metrics under {root.rstrip('/')}/metrics")

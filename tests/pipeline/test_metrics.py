@@ -1,3 +1,6 @@
+import io
+
+import fsspec
 import polars as pl
 import pytest
 from sacrebleu.metrics import CHRF
@@ -26,6 +29,12 @@ NIGHT = results_table([
     (None, "a b c", 4, "stop", "c b a", "reverse"),
     (None, "x y z", 4, "stop", "x y z", "sort"),
 ])
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
 
 
 def chrf(hypotheses, references) -> float:
@@ -57,6 +66,15 @@ def test_metrics_without_references_or_tasks():
     assert m["exact_match"].null_count() == 3 and m["chrf"].null_count() == 3
     assert m["task"].null_count() == 3
     assert m["requests"].to_list() == [2, 4, 3]
+
+
+def test_metrics_of_a_base_only_night():
+    # a Parquet column that is null in every row reads back with dtype Null
+    base_only = NIGHT.filter(pl.col("adapter_id").is_null()).with_columns(
+        pl.lit(None).alias("adapter_id"), pl.lit(None).alias("task"))
+    m = compute_adapter_metrics(base_only, "2026-01-02")
+    assert m.select("adapter_id", "adapter_label", "task", "requests", "exact_match").rows() == [
+        (None, "<base>", None, 2, 0.5)]
 
 
 def metrics_row(adapter_id, exact_match, chrf_score, error_rate, date="2026-01-01") -> dict:
@@ -141,7 +159,6 @@ def test_nightly_metrics_reads_compares_and_writes(tmp_path):
 
 def test_nightly_metrics_on_memory_filesystem():
     root = "memory://lorafleet-test-metrics"
-    import fsspec
     fs = fsspec.filesystem("memory")
     with fs.open(f"{results_url('/lorafleet-test-metrics', '2026-01-01')}/part-0.parquet", "wb") as f:
         NIGHT.write_parquet(f)
@@ -153,3 +170,15 @@ def test_nightly_metrics_on_memory_filesystem():
 def test_nightly_metrics_without_results(tmp_path):
     with pytest.raises(FileNotFoundError):
         nightly_metrics(str(tmp_path), "2026-01-01")
+
+
+def test_nightly_metrics_on_s3(s3_bucket):
+    bucket, storage_options = s3_bucket
+    root = f"s3://{bucket}/deployment"
+    fs = fsspec.filesystem("s3", **storage_options)
+    for date, frame in (("2026-01-01", NIGHT), ("2026-01-02", NIGHT.with_columns(pl.lit("wrong").alias("output_text")))):
+        fs.pipe(f"{bucket}/deployment/results/date={date}/part-0.parquet", parquet_bytes(frame))
+    nightly_metrics(root, "2026-01-01", storage_options=storage_options)
+    night2 = nightly_metrics(root, "2026-01-02", storage_options=storage_options)
+    assert night2.filter("regressed")["adapter_label"].to_list() == ["<base>", "rev", "srt"]
+    assert fs.exists(f"{bucket}/deployment/metrics/date=2026-01-02/metrics.parquet")

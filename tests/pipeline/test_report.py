@@ -9,7 +9,7 @@ from pipeline.report import report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_night(root, date: str, outputs: dict[str | None, list[str]]) -> None:
+def write_night(root, date: str, outputs: dict[str | None, list[str]], score: bool = True) -> None:
     """Results of one night: per adapter, its outputs against the references a b c / d e f / ..."""
     references = ["a b c", "d e f", "g h i", "j k l"]
     rows = [(f"{adapter}-{i}", adapter, text, 3, "stop", references[i], "t")
@@ -19,7 +19,8 @@ def write_night(root, date: str, outputs: dict[str | None, list[str]]) -> None:
         "finish_reason": pl.String, "reference": pl.String, "task": pl.String})
     (root / "results" / f"date={date}").mkdir(parents=True)
     frame.write_parquet(f"{results_url(str(root), date)}/part-0.parquet")
-    nightly_metrics(str(root), date)
+    if score:
+        nightly_metrics(str(root), date)
 
 
 @pytest.fixture
@@ -42,8 +43,8 @@ def test_report_prints_latest_night_and_writes_png(three_nights):
     assert "2026-03-03" in text
     assert "<base>" in text and "alpha" in text
     beta_line = next(line for line in text.splitlines() if "beta" in line and "REGRESSED" in line)
-    assert "exact_match" in beta_line and "0.25 (-0.75)" in beta_line
-    assert "regressed: beta" in text
+    assert beta_line.split()[4:6] == ["0.25", "-0.75"]          # exact match and its change
+    assert "regressed: beta (exact_match,chrf)" in text
     assert not any("REGRESSED" in line for line in text.splitlines() if "alpha" in line)
     assert png == f"{three_nights}/metrics/scores.png"
     with open(png, "rb") as f:
@@ -58,6 +59,16 @@ def test_report_for_an_earlier_date_and_custom_png(three_nights, tmp_path_factor
     assert "2026-03-02" in text and "REGRESSED" not in text
     assert "no regressions" in text
     assert png == str(out) and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_scores_nights_that_have_only_results(tmp_path):
+    good = ["a b c", "d e f", "g h i", "j k l"]
+    write_night(tmp_path, "2026-03-01", {"alpha": good}, score=False)
+    write_night(tmp_path, "2026-03-02", {"alpha": ["x"] * 4}, score=False)
+    console = Console(record=True, width=200)
+    report(str(tmp_path), None, None, console=console)
+    assert "regressed: alpha (exact_match,chrf)" in console.export_text()
+    assert (tmp_path / "metrics" / "date=2026-03-01" / "metrics.parquet").exists()
 
 
 def test_report_without_metrics(tmp_path):
