@@ -3,17 +3,15 @@
 A table that cannot be a request table is refused whole (TableError, before any work); a bad row only
 fails itself: it becomes an error RequestOutput that says what is wrong and what to do."""
 import math
-import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.adapters import ADAPTER_ID
 from engine.request import Request, RequestOutput, SamplingParams
 from pipeline.schema import REQUEST_COLUMNS, RESULT_COLUMNS, TableError
 from pipeline.storage import filesystem, visible_files
-
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def read_request_table(url: str, storage_options: dict | None = None) -> pa.Table:
