@@ -37,9 +37,11 @@ class AdapterWeights:
     # (layer, module) -> (A^T rows [r, d_in], B rows [r, d_out], scale); module in LORA_MODULES
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
 
-    @property
-    def max_rank(self) -> int:
-        return max(a.shape[0] for a, _, _ in self.modules.values())
+
+def module_name(layer: int, module: str) -> str:
+    """The module's name in a transformers Llama-family model, which PEFT's patterns match against."""
+    block = "mlp" if module in LORA_GROUPS["gate_up"] + LORA_GROUPS["down"] else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}"
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -48,6 +50,24 @@ def _pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def configured_ranks(config: dict, args: ModelArgs) -> dict[tuple[int, str], int]:
+    """Rank of each (layer, module) an adapter_config.json targets, rank_pattern applied: what the
+    adapter will hold, known before its weights are read (the planner sizes adapters with it)."""
+    targets = config.get("target_modules") or []
+
+    def targeted(module: str, name: str) -> bool:
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith(f".{t}") for t in targets)
+
+    return {(layer, module): int(_pattern_value(config.get("rank_pattern"), module_name(layer, module),
+                                                config.get("r", 8)))
+            for layer in range(args.num_layers) for module in LORA_MODULES
+            if targeted(module, module_name(layer, module))}
 
 
 def _check_config(config: dict) -> None:
@@ -99,7 +119,7 @@ def parse_adapter(adapter_id: str, config: dict, tensors: dict[str, torch.Tensor
                                f"fit the base model ({d_in} -> {d_out}); was it trained on another base?")
         if r > max_rank:
             raise AdapterError(f"rank {r} exceeds the engine's max_lora_rank {max_rank}")
-        name = f"model.layers.{layer}.{'mlp' if module in LORA_GROUPS['gate_up'] + LORA_GROUPS['down'] else 'self_attn'}.{module}"
+        name = module_name(layer, module)
         alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
         rank_cfg = _pattern_value(config.get("rank_pattern"), name, r_default)
         if rank_cfg != r:

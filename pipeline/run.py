@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from tqdm import tqdm
 
 from engine.adapter_memory import adapter_pieces, row_layout
-from engine.adapters import LORA_MODULES
+from engine.adapters import configured_ranks
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_model_args, read_json
@@ -75,10 +75,7 @@ def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int
                     missing_ok=True) if config.adapters else None
     if not cfg:
         return 1   # it will fail when loaded; its rows become error rows
-    targets = cfg.get("target_modules") or []
-    modules = [m for m in LORA_MODULES if isinstance(targets, str) or m in targets]
-    ranks = {(layer, m): int(cfg.get("r", 8)) for layer in range(args.num_layers) for m in modules}
-    return row_layout(adapter_pieces(args, ranks), page_numel)[1]
+    return row_layout(adapter_pieces(args, configured_ranks(cfg, args)), page_numel)[1]
 
 
 def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from engine.adapters import AdapterError, AdapterStore, read_adapter
+from engine.adapters import AdapterError, AdapterStore, configured_ranks, read_adapter
 from engine.loader import load_model_args
 from tests.checkpoints import build_adapter, build_checkpoint
 
@@ -117,3 +117,17 @@ def test_regex_target_modules_are_checked(base):
     assert isinstance(config["target_modules"], str)
     with pytest.raises(AdapterError, match="lm_head"):
         read(base, "regex-head")
+
+
+def test_ranks_known_from_the_config_equal_the_weights(base):
+    """The planner sizes adapters from adapter_config.json alone; it must agree with the weights."""
+    args = load_model_args(str(base / "model"))
+    cases = {"cfg-list": dict(rank=4, targets=["q_proj", "down_proj"]),
+             "cfg-regex": dict(rank=8, targets=r".*\.(k_proj|up_proj)"),
+             "cfg-all": dict(rank=2, targets="all-linear"),
+             "cfg-pattern": dict(rank=4, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 16})}
+    for adapter_id, kwargs in cases.items():
+        build_adapter(base / "adapters" / adapter_id, base / "model", **kwargs)
+        config = json.loads((base / "adapters" / adapter_id / "adapter_config.json").read_text())
+        weights = read(base, adapter_id)
+        assert configured_ranks(config, args) == {key: a.shape[0] for key, (a, _, _) in weights.modules.items()}
