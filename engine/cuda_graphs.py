@@ -12,6 +12,7 @@ from engine.page_pool import PagePool
 
 
 class DecodeGraphs:
+    @torch.inference_mode()   # the buffers are then updated and read only under inference mode too
     def __init__(self, model: Transformer, ops, adapters, pool: PagePool, max_batch: int, max_blocks: int):
         device = pool.pages.device
         self.model, self.ops, self.adapters, self.block_size = model, ops, adapters, pool.block_size

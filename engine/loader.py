@@ -83,4 +83,4 @@ def load_model(model_url: str, dtype: torch.dtype, device: str,
         raise ValueError(f"checkpoint {model_url} does not fit {args.model_type}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.inv_freq = rope_inv_freq(args).to(device)   # buffers built on meta hold no values
-    return model.eval()
+    return model.eval().requires_grad_(False)
