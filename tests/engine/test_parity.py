@@ -109,3 +109,14 @@ def test_out_of_memory_splits_batches_and_fails_only_what_cannot_fit(llama_fleet
     assert {rid: o.output_token_ids for rid, o in outputs.items() if rid != "r4"} == \
         {rid: tokens for rid, tokens in expected.items() if rid != "r4"}
     assert engine.scheduler.max_num_seqs <= 3
+
+
+def test_idle_adapters_are_evicted_before_any_request_is_preempted(llama_fleet):
+    engine = make_engine(llama_fleet, num_pages=50)           # the rank-64 adapter alone takes 44 pages
+    engine.scheduler._make_resident("r64-mlp-o", set())        # resident but idle: no request uses it
+    engine.tokenizer.eos_token_ids = set()                     # run to max_new_tokens
+    request = Request("long", None, prompt_token_ids=list(range(4, 24)),
+                      sampling=SamplingParams(max_new_tokens=100))   # grows to 8 KV pages: more than are free
+    (output,) = list(engine.generate([request]))
+    assert output.output_tokens == 100 and output.error is None
+    assert "r64-mlp-o" not in engine.runner.adapters.resident and engine.scheduler.preemptions == 0
