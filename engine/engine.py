@@ -110,7 +110,8 @@ class Engine:
                                                     "max_new_tokens, or run on a larger device")]
         self.stats.steps += 1
         if is_prefill:
-            self.stats.prompt_tokens += sum(s.num_tokens for s in seqs)
+            # A preempted sequence's recompute is not new prompt work: count each prompt once.
+            self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in seqs if not s.preemptions)
         else:
             self.stats.decode_steps += 1
             self.stats.adapters_per_decode_step += len({s.adapter_id for s in seqs if s.adapter_id})
