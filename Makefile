@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # Debian's Chromium for the browser test (Playwright drives it; nothing is downloaded by Playwright).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
 	$(PY) -m pipeline.demo --root demo_data
