@@ -119,7 +119,7 @@ def run_lorafleet(name: str, config: EngineConfig, model: Transformer, workload:
                 output_tokens_per_s=stats.output_tokens / wall,
                 total_tokens_per_s=(stats.prompt_tokens + stats.output_tokens) / wall,
                 adapter_loads=stats.adapter_loads, adapter_bytes_loaded=stats.adapter_bytes_loaded,
-                mean_adapters_per_decode_step=stats.adapters_per_decode_step / max(stats.decode_steps, 1),
+                mean_adapters_per_decode_step=stats.mean_adapters_per_decode_step,
                 preemptions=stats.preemptions, pool_pages=stats.pool_pages,
                 peak_pool_pages_used=stats.peak_pool_pages_used, peak_gpu_bytes=peak_gpu_bytes(config.device))
 

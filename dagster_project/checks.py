@@ -7,15 +7,12 @@ import warnings
 from collections import Counter
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dagster import AssetCheckExecutionContext, AssetCheckResult, PreviewWarning, asset_check
 
 from pipeline.layout import metrics_url, requests_url, results_url
 from pipeline.metrics import read_metrics
 from pipeline.requests import read_request_table
 from pipeline.results import ResultStore
-from pipeline.schema import RESULT_SCHEMA
 
 from .assets import adapter_metrics, generations
 from .partitions import daily
@@ -28,13 +25,7 @@ warnings.filterwarnings("ignore", "Specifying a partitions_def on an AssetCheckS
 
 
 def read_result_columns(url: str, columns: list[str], storage_options: dict | None = None) -> pl.DataFrame:
-    """These columns of every committed result row under url, duplicates included."""
-    store = ResultStore(url, storage_options)
-    tables = [RESULT_SCHEMA.empty_table().select(columns)]
-    for path in store.shard_paths():
-        with store.fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
+    return pl.from_arrow(ResultStore(url, storage_options).read_columns(columns))
 
 
 def result_id_problems(request_ids: list[str | None], result_ids: list[str | None]) -> dict[str, list[str]]:

@@ -34,6 +34,10 @@ class EngineStats:
     pool_pages: int = 0
     preemptions: int = 0
 
+    @property
+    def mean_adapters_per_decode_step(self) -> float:
+        return self.adapters_per_decode_step / max(self.decode_steps, 1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

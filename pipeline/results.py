@@ -37,14 +37,17 @@ class ResultStore:
             return []
         return [p for p in visible_files(self.fs, self.root) if SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1])]
 
-    def committed_ids(self) -> set[str]:
-        """request_ids of every committed row (reads only that column)."""
-        ids = set()
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        """These columns of every committed row, duplicates included (an empty table when none)."""
+        tables = [RESULT_SCHEMA.empty_table().select(columns)]
         for path in self.shard_paths():
             with self.fs.open(path, "rb") as f:
-                ids.update(pq.ParquetFile(f).read(columns=["request_id"]).column(0).to_pylist())
-        ids.discard(None)
-        return ids
+                tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def committed_ids(self) -> set[str]:
+        """request_ids of every committed row (reads only that column)."""
+        return set(self.read_columns(["request_id"]).column(0).to_pylist()) - {None}
 
     def next_shard_index(self) -> int:
         indices = [int(SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]).group(1)) for p in self.shard_paths()]

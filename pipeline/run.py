@@ -26,6 +26,9 @@ from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_re
 
 LOG = logging.getLogger("lorafleet")
 LOG_EVERY_S = 10.0
+# RunSummary fields taken as they are from the engine's stats
+ENGINE_FIELDS = ("prompt_tokens", "output_tokens", "adapter_loads", "adapter_bytes_loaded", "peak_pool_pages_used",
+                 "pool_pages", "preemptions", "mean_adapters_per_decode_step")
 
 
 class RunNotStarted(Exception):
@@ -166,11 +169,8 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             log.warning("row %s failed: %s", output.request_id, output.error)
         summary.rows_failed += len(rejected)
         stats = engine.stats
-        summary.prompt_tokens, summary.output_tokens = stats.prompt_tokens, stats.output_tokens
-        summary.adapter_loads, summary.adapter_bytes_loaded = stats.adapter_loads, stats.adapter_bytes_loaded
-        summary.peak_pool_pages_used, summary.pool_pages = stats.peak_pool_pages_used, stats.pool_pages
-        summary.preemptions = stats.preemptions
-        summary.mean_adapters_per_decode_step = stats.adapters_per_decode_step / max(stats.decode_steps, 1)
+        for name in ENGINE_FIELDS:
+            setattr(summary, name, getattr(stats, name))
         summary.wall_s = time.perf_counter() - started
         summary.output_tokens_per_s = stats.output_tokens / summary.wall_s
         write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so)
