@@ -6,6 +6,7 @@ its other rows fail fast with the same message.
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -166,7 +167,9 @@ class AdapterStore:
         self._failed: dict[str, str] = {}
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+        # Reading, hashing and packing release the GIL, so threads scale with the host's cores.
+        self.read_threads = max(2, min(8, os.cpu_count() or 2))
+        self._reader = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="adapter-read")
         self.reads = 0
 
     def _read(self, adapter_id: str):

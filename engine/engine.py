@@ -90,7 +90,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler
-        self.adapter_store.prefetch(sched.upcoming_adapters(4))   # read the next adapters while we compute
+        # Read the next adapters while we compute: two per reader thread keeps every thread busy.
+        self.adapter_store.prefetch(sched.upcoming_adapters(2 * self.adapter_store.read_threads))
         seqs, is_prefill = sched.schedule()
         outputs = [self._output(seq, error) for seq, error in sched.failed]
         sched.failed.clear()

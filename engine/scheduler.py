@@ -9,6 +9,7 @@ Policy, in short:
 - when KV pages run out during decode, the newest sequence is preempted and later recomputed.
 """
 from collections import Counter, deque
+from itertools import islice
 
 from engine.adapter_memory import ResidentAdapters
 from engine.adapters import AdapterError, AdapterStore
@@ -50,9 +51,12 @@ class Scheduler:
         return {s.adapter_id for s in self.running if s.adapter_id is not None}
 
     def upcoming_adapters(self, n: int) -> list[str]:
-        """The next n distinct adapters in the waiting queue that are not resident (for read-ahead)."""
+        """The next n distinct adapters in the waiting queue that are not resident (for read-ahead).
+
+        Only the head of the queue is scanned (as far as prefill looks): this runs every step, and a
+        night's queue can hold 100,000 sequences of adapters already resident."""
         upcoming = []
-        for seq in self.waiting:
+        for seq in islice(self.waiting, LOOKAHEAD * self.max_num_seqs):
             a = seq.adapter_id
             if a is not None and a not in self.adapters.resident and a not in upcoming:
                 upcoming.append(a)
