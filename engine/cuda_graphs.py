@@ -27,16 +27,19 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks), self.scratch, **i32)
         self.context_lens = torch.ones(n, **i32)
         self.hidden = torch.zeros(n, model.args.hidden_size, dtype=pool.pages.dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = {}
         memory_pool = None
         for bs in reversed(self.buckets):   # largest first, so smaller graphs reuse its memory
             self.hidden[:bs] = self._forward(bs)   # warm-up: compiles the kernels outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, memory_pool):
-                self.hidden[:bs] = self._forward(bs)
-            memory_pool = graph.pool()
-            self.graphs[bs] = graph
+            self.replays[bs], memory_pool = self._capture(bs, memory_pool)
+
+    def _capture(self, bs: int, memory_pool):
+        """Record the step of a bs-row batch; returns its replay and the memory pool the next capture shares."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, memory_pool):
+            self.hidden[:bs] = self._forward(bs)
         torch.cuda.synchronize()
+        return graph.replay, graph.pool()
 
     def _forward(self, bs: int) -> torch.Tensor:
         lora = LoraBatch(self.ops, self.adapters, self.seg_starts[: bs + 1], self.token_slots[:bs], 1)
@@ -65,5 +68,5 @@ class DecodeGraphs:
         self.block_tables[:bs] = self.scratch
         width = len(block_tables[0])
         self.block_tables[:n, :width] = torch.tensor(block_tables, dtype=torch.int32).to(device, non_blocking=True)
-        self.graphs[bs].replay()
+        self.replays[bs]()
         return self.hidden[:n]
