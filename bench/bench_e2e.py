@@ -157,20 +157,31 @@ def roofline_case(base: dict) -> dict:
                 decode_step_ms=base["roofline_step_ms"], mean_decode_batch=base["mean_decode_batch"])
 
 
-def format_table(cases: list[dict]) -> str:
+COLUMNS = ["case", "N", "done", "out tok/s", "total tok/s", "x base", "x PEFT", "roofline", "peak GiB", "loads",
+           "adapters/step"]
+
+
+def table_rows(cases: list[dict]) -> list[list[str]]:
+    """One row of cells per case, under COLUMNS (the printed table and the README's share them)."""
     def num(v, spec):
         return "-" if v is None else format(v, spec)
-    head = (f"{'case':<24} {'N':>5} {'done':>6} {'out tok/s':>10} {'total tok/s':>11} {'x base':>7} "
-            f"{'x PEFT':>8} {'roofline':>8} {'peak GiB':>8} {'loads':>6} {'adapters/step':>13}")
-    rows = [head, "-" * len(head)]
+    rows = []
     for c in cases:
         peak = c["peak_gpu_bytes"] / 2**30 if c["peak_gpu_bytes"] is not None else None
-        rows.append(f"{c['case']:<24} {c['n_adapters']:>5} {c['requests_done']:>6} "
-                    f"{num(c['output_tokens_per_s'], ',.1f'):>10} {num(c['total_tokens_per_s'], ',.1f'):>11} "
-                    f"{num(c['vs_base'], '.2f'):>7} {num(c['vs_peft_mixed'], ',.1f'):>8} "
-                    f"{num(c['roofline_fraction'], '.0%'):>8} {num(peak, '.1f'):>8} {c['adapter_loads']:>6} "
-                    f"{c['mean_adapters_per_decode_step']:>13.1f}" + ("  (cut off)" if c.get("truncated") else ""))
-    return "\n".join(rows)
+        rows.append([c["case"] + (" (cut off)" if c.get("truncated") else ""), str(c["n_adapters"]),
+                     str(c["requests_done"]), num(c["output_tokens_per_s"], ",.1f"),
+                     num(c["total_tokens_per_s"], ",.1f"), num(c["vs_base"], ".2f"), num(c["vs_peft_mixed"], ",.1f"),
+                     num(c["roofline_fraction"], ".0%"), num(peak, ".1f"), str(c["adapter_loads"]),
+                     f"{c['mean_adapters_per_decode_step']:.1f}"])
+    return rows
+
+
+def format_table(cases: list[dict]) -> str:
+    rows = [COLUMNS] + table_rows(cases)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [" ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
 def write_chart(cases: list[dict], meta: dict, path: Path) -> None:

@@ -64,3 +64,36 @@ def test_adapter_counts(report):
     peft = cases["peft-mixed"]
     assert peft["output_tokens"] == data["meta"]["peft_batch"] * data["meta"]["peft_new_tokens"]
     assert peft["adapter_loads"] == peft["n_adapters"] == peft["mean_adapters_per_decode_step"]
+
+
+def test_publish_fills_the_readme_block_with_a_gpu_run(report, tmp_path):
+    from bench.publish import END, FIGURE, START, publish
+    data, _, out = report
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{START}\nold table\n{END}\nafter\n")
+    with pytest.raises(SystemExit, match="only GPU runs"):
+        publish(out, readme, tmp_path / FIGURE)
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    data["meta"].update(device="cuda", device_name="NVIDIA H100 80GB HBM3")
+    (gpu / "bench_e2e.json").write_text(json.dumps(data))
+    (gpu / "bench_e2e.png").write_bytes((out / "bench_e2e.png").read_bytes())
+    publish(gpu, readme, tmp_path / FIGURE)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title\n\nbefore\n") and text.endswith(f"{END}\nafter\n")
+    block = text.split(START)[1].split(END)[0]
+    assert "NVIDIA H100 80GB HBM3" in block and data["meta"]["date"] in block
+    for name in CASES:
+        assert f"| {name} |" in block
+    assert block.count("not measured") == 3     # the tiny run has no N512 case; its batches stay below 64
+    assert (tmp_path / FIGURE).read_bytes() == (out / "bench_e2e.png").read_bytes()
+    publish(gpu, readme, tmp_path / FIGURE)      # publishing again replaces the block, nothing else
+    assert readme.read_text() == text
+
+
+def test_targets_are_judged_from_the_cases():
+    from bench.publish import targets
+    cases = {"lorafleet-base": dict(roofline_fraction_batch64=0.7),
+             "lorafleet-N512": dict(vs_base=0.93, vs_peft_mixed=85.0)}
+    assert [(value, met) for _, value, met in targets(cases)] == \
+        [("93%", True), ("85x", False), ("1.43x the roofline", True)]
