@@ -51,7 +51,8 @@ class DecodeGraphs:
         return batch_size <= self.buckets[-1]
 
     def run(self, input_ids, positions, slots, token_slots, block_tables, context_lens) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode batch of n <= the largest bucket (lists as model_runner builds)."""
+        """Hidden states [n, hidden] of a decode batch of n <= the largest bucket (lists as model_runner builds;
+        block_tables an int32 host tensor [n, width])."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
         device = self.input_ids.device
@@ -66,7 +67,6 @@ class DecodeGraphs:
         put(self.token_slots, token_slots, -1)
         put(self.context_lens, context_lens, 1)
         self.block_tables[:bs] = self.scratch
-        width = len(block_tables[0])
-        self.block_tables[:n, :width] = torch.tensor(block_tables, dtype=torch.int32).to(device, non_blocking=True)
+        self.block_tables[:n, :block_tables.shape[1]] = block_tables.to(device, non_blocking=True)
         self.replays[bs]()
         return self.hidden[:n]

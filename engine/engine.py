@@ -90,8 +90,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler
-        # Read the next adapters while we compute: two per reader thread keeps every thread busy.
-        self.adapter_store.prefetch(sched.upcoming_adapters(2 * self.adapter_store.read_threads))
+        if len(sched.running) < sched.max_num_seqs:
+            # The queue may move this step: read its next adapters while we compute, two per reader thread.
+            self.adapter_store.prefetch(sched.upcoming_adapters(2 * self.adapter_store.read_threads))
         seqs, is_prefill = sched.schedule()
         outputs = [self._output(seq, error) for seq, error in sched.failed]
         sched.failed.clear()

@@ -63,13 +63,15 @@ class PagePool:
         assert not seq.block_table
         seq.block_table = self.allocate(self.blocks_needed(seq.num_tokens))
 
-    def can_append_kv(self, seq: Sequence) -> bool:
-        """Room for the K/V of seq's newest token (a new block only when the last one is full)."""
-        return len(seq.block_table) * self.block_size >= seq.num_tokens or self.num_free > 0
-
-    def append_kv(self, seq: Sequence) -> None:
-        if len(seq.block_table) * self.block_size < seq.num_tokens:
-            seq.block_table.extend(self.allocate(1))
+    def append_kv(self, seq: Sequence) -> bool:
+        """Make room for the K/V of seq's newest token (a new block only when the last one is full);
+        False when that needs a page and none is free."""
+        if len(seq.block_table) * self.block_size >= len(seq.token_ids):
+            return True
+        if not self.free_pages:
+            return False
+        seq.block_table.extend(self.allocate(1))
+        return True
 
     def free_kv(self, seq: Sequence) -> None:
         self.free(seq.block_table)

@@ -9,7 +9,7 @@ Policy, in short:
 - when KV pages run out during decode, the newest sequence is preempted and later recomputed.
 """
 from collections import Counter, deque
-from itertools import islice
+from itertools import chain, islice
 
 from engine.adapter_memory import ResidentAdapters
 from engine.adapters import AdapterError, AdapterStore
@@ -130,20 +130,18 @@ class Scheduler:
         return self._by_adapter(batch)
 
     def _schedule_decode(self) -> list[Sequence]:
-        batch = []
-        while self.running:
-            seq = self.running.pop(0)
-            while not self.pool.can_append_kv(seq):
-                in_use = {s.adapter_id for s in self.running + batch + [seq]}
-                if self._evict_idle(in_use):
+        batch, queue = [], deque(self.running)
+        while queue:
+            seq = queue.popleft()
+            while not self.pool.append_kv(seq):
+                if self._evict_idle({s.adapter_id for s in chain(queue, batch, [seq])}):
                     continue
-                if self.running:
-                    self.preempt(self.running.pop())
+                if queue:
+                    self.preempt(queue.pop())
                 else:
                     self.preempt(seq)
                     break
             else:
-                self.pool.append_kv(seq)
                 batch.append(seq)
         self.running = batch
         return self._by_adapter(batch)

@@ -15,6 +15,8 @@ class SequenceStatus(Enum):
 class Sequence:
     def __init__(self, request: Request, prompt_token_ids: list[int], max_new_tokens: int, seed: int):
         self.request = request
+        # Copied out of the request: the scheduler reads them for every sequence on every step.
+        self.request_id, self.adapter_id, self.sampling = request.request_id, request.adapter_id, request.sampling
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.max_new_tokens = max_new_tokens
@@ -25,18 +27,6 @@ class Sequence:
         self.preemptions = 0
         # One generator per request: its samples do not depend on what it is batched with.
         self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def adapter_id(self) -> str | None:
-        return self.request.adapter_id
-
-    @property
-    def sampling(self):
-        return self.request.sampling
 
     @property
     def num_tokens(self) -> int:
