@@ -207,4 +207,5 @@ class AdapterStore:
         return packed
 
     def close(self) -> None:
-        self._reader.shutdown(wait=False, cancel_futures=True)
+        # Waits for reads under way: one still pinning memory could break the next engine's graph capture.
+        self._reader.shutdown(wait=True, cancel_futures=True)

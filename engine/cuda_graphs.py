@@ -36,7 +36,8 @@ class DecodeGraphs:
     def _capture(self, bs: int, memory_pool):
         """Record the step of a bs-row batch; returns its replay and the memory pool the next capture shares."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, memory_pool):
+        # thread_local: CUDA calls of other threads (adapter reads pinning host memory) may go on meanwhile
+        with torch.cuda.graph(graph, memory_pool, capture_error_mode="thread_local"):
             self.hidden[:bs] = self._forward(bs)
         torch.cuda.synchronize()
         return graph.replay, graph.pool()
