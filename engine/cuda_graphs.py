@@ -2,7 +2,8 @@
 
 Inputs live in static buffers sized for the largest bucket. Adapter slots are graph inputs (one segment
 per token, the gather form of the LoRA kernels), so a batch of new adapters needs no new capture. Rows
-that pad a batch up to its bucket write their K/V into a scratch page and are discarded.
+that pad a batch up to its bucket write their K/V into a scratch page and are discarded. Each bucket has
+a second graph without the LoRA kernels, for batches of base-model rows only.
 """
 import torch
 
@@ -27,23 +28,25 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks), self.scratch, **i32)
         self.context_lens = torch.ones(n, **i32)
         self.hidden = torch.zeros(n, model.args.hidden_size, dtype=pool.pages.dtype, device=device)
-        self.replays = {}
+        self.replays = {}   # (batch size, with LoRA) -> replay
         memory_pool = None
         for bs in reversed(self.buckets):   # largest first, so smaller graphs reuse its memory
-            self.hidden[:bs] = self._forward(bs)   # warm-up: compiles the kernels outside the capture
-            self.replays[bs], memory_pool = self._capture(bs, memory_pool)
+            for with_lora in (True, False):
+                self.hidden[:bs] = self._forward(bs, with_lora)   # warm-up: compiles kernels outside the capture
+                self.replays[bs, with_lora], memory_pool = self._capture(bs, with_lora, memory_pool)
 
-    def _capture(self, bs: int, memory_pool):
+    def _capture(self, bs: int, with_lora: bool, memory_pool):
         """Record the step of a bs-row batch; returns its replay and the memory pool the next capture shares."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (adapter reads pinning host memory) may go on meanwhile
         with torch.cuda.graph(graph, memory_pool, capture_error_mode="thread_local"):
-            self.hidden[:bs] = self._forward(bs)
+            self.hidden[:bs] = self._forward(bs, with_lora)
         torch.cuda.synchronize()
         return graph.replay, graph.pool()
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        lora = LoraBatch(self.ops, self.adapters, self.seg_starts[: bs + 1], self.token_slots[:bs], 1)
+    def _forward(self, bs: int, with_lora: bool) -> torch.Tensor:
+        lora = LoraBatch(self.ops, self.adapters, self.seg_starts[: bs + 1], self.token_slots[:bs], 1) \
+            if with_lora else LoraBatch(self.ops, self.adapters, None, None, 0)
         batch = Batch(False, self.slot_mapping[:bs], self.ops, lora, block_tables=self.block_tables[:bs],
                       context_lens=self.context_lens[:bs])
         return self.model(self.input_ids[:bs], self.positions[:bs], batch)
@@ -69,5 +72,5 @@ class DecodeGraphs:
         put(self.context_lens, context_lens, 1)
         self.block_tables[:bs] = self.scratch
         self.block_tables[:n, :block_tables.shape[1]] = block_tables.to(device, non_blocking=True)
-        self.replays[bs]()
+        self.replays[bs, any(slot >= 0 for slot in token_slots)]()
         return self.hidden[:n]

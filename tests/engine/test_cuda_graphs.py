@@ -8,6 +8,7 @@ Real captures on a GPU: tests/engine/test_gpu.py.
 """
 import threading
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,13 +53,13 @@ class NoHostSync(TorchDispatchMode):
 class EagerReplayGraphs(DecodeGraphs):
     """DecodeGraphs whose 'capture' records the step as a function that replays it eagerly."""
 
-    def _capture(self, bs, memory_pool):
+    def _capture(self, bs, with_lora, memory_pool):
         self.replayed = Counter()
 
         def replay():
-            self.replayed[bs] += 1
+            self.replayed[bs, with_lora] += 1
             with NoHostSync():
-                self.hidden[:bs] = self._forward(bs)
+                self.hidden[:bs] = self._forward(bs, with_lora)
         return replay, None
 
 
@@ -73,21 +74,26 @@ def test_the_guard_catches_host_syncs():
 
 
 def test_graph_decode_steps_give_the_eager_tokens(llama_fleet):
-    requests = mixed_requests(llama_fleet.adapter_ids, 11, 6, seed=3)
+    mixed = mixed_requests(llama_fleet.adapter_ids, 11, 6, seed=3)
+    base_only = [replace(r, request_id=f"base-{r.request_id}", adapter_id=None)
+                 for r in mixed_requests(llama_fleet.adapter_ids, 3, 6, seed=4)]
     config = dict(model=str(llama_fleet.model), adapters=str(llama_fleet.adapters), kernels="triton",
                   max_num_seqs=6, max_active_adapters=3, cpu_pool_bytes=8 << 20)
-    eager = Engine(EngineConfig(**config))
-    expected = {o.request_id: o.output_token_ids for o in eager.generate(requests)}
-    eager.close()
 
+    def run(engine):
+        outputs = {o.request_id: o.output_token_ids for batch in (mixed, base_only) for o in engine.generate(batch)}
+        engine.close()
+        return outputs
+
+    expected = run(Engine(EngineConfig(**config)))
     engine = Engine(EngineConfig(**config))
     runner = engine.runner
     graphs = EagerReplayGraphs(runner.model, runner.ops, runner.adapters, runner.pool, 6,
                                runner.pool.blocks_needed(runner.max_model_len))
     runner.graphs = graphs
     assert graphs.buckets == [1, 2, 4, 6]
-    outputs = {o.request_id: o.output_token_ids for o in engine.generate(requests)}
-    engine.close()
-    assert outputs == expected
+    assert run(engine) == expected
     assert sum(graphs.replayed.values()) == engine.stats.decode_steps
-    assert graphs.replayed[6] and (graphs.replayed[4] or graphs.replayed[2])   # padded buckets ran too
+    sizes = {bs for bs, _ in +graphs.replayed}
+    assert 6 in sizes and sizes & {2, 4}                              # padded buckets ran too
+    assert {with_lora for _, with_lora in +graphs.replayed} == {True, False}   # base-only batches skip LoRA
