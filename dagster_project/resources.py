@@ -24,6 +24,7 @@ class LorafleetResource(ConfigurableResource):
     max_active_adapters: int = 8
     max_num_seqs: int = 64
     default_max_new_tokens: int = 128
+    base_model_name: str | None = None         # adapters trained on another base fail their rows
     max_error_rate: float = 0.05               # bound of the error-rate check
     regression_margin: float = 0.05            # a score that drops by more than this is a regression
     storage_options: dict[str, str] = Field(default_factory=dict)  # fsspec options (config only, not env)

@@ -71,7 +71,20 @@ def configured_ranks(config: dict, args: ModelArgs) -> dict[tuple[int, str], int
             if targeted(module, module_name(layer, module))}
 
 
-def _check_config(config: dict) -> None:
+def same_base(adapter_base: str, base_model_name: str) -> bool:
+    """Whether an adapter's base_model_name_or_path names this base: hub ids and paths are compared by their
+    last component ("meta-llama/Llama-2-7b-hf" is "/models/llama-2-7b-hf"), as the training machine's
+    path is rarely the serving one's."""
+    def name(text: str) -> str:
+        return text.rstrip("/").rsplit("/", 1)[-1].lower()
+    return name(adapter_base) == name(base_model_name)
+
+
+def _check_config(config: dict, base_model_name: str | None) -> None:
+    given = config.get("base_model_name_or_path")
+    if base_model_name and given and not same_base(given, base_model_name):
+        raise AdapterError(f"trained on {given!r} (base_model_name_or_path), but the base model is "
+                           f"{base_model_name!r} (--base-model-name)")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported (LoRA only)")
     unsupported = [("use_dora", "DoRA"), ("layers_to_transform", "layers_to_transform"),
@@ -94,9 +107,10 @@ def _check_config(config: dict) -> None:
 
 
 def parse_adapter(adapter_id: str, config: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
-                  dtype: torch.dtype, sha256: str, nbytes: int, max_rank: int) -> AdapterWeights:
+                  dtype: torch.dtype, sha256: str, nbytes: int, max_rank: int,
+                  base_model_name: str | None = None) -> AdapterWeights:
     """Validate a PEFT adapter against the base model and turn it into per-module row tensors."""
-    _check_config(config)
+    _check_config(config, base_model_name)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = KEY.fullmatch(key)
@@ -131,7 +145,7 @@ def parse_adapter(adapter_id: str, config: dict, tensors: dict[str, torch.Tensor
 
 
 def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype, max_rank: int,
-                 storage_options: dict | None = None) -> AdapterWeights:
+                 storage_options: dict | None = None, base_model_name: str | None = None) -> AdapterWeights:
     """Read `<root>/<adapter_id>/` from any fsspec URL; every failure becomes an AdapterError."""
     if not ADAPTER_ID.fullmatch(adapter_id or ""):
         raise AdapterError(f"adapter_id {adapter_id!r} is not a plain name ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
@@ -152,7 +166,7 @@ def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype
     except Exception as e:  # corrupt JSON, truncated or corrupt safetensors, storage errors
         raise AdapterError(f"adapter {adapter_id!r} cannot be read: {type(e).__name__}: {e}") from None
     return parse_adapter(adapter_id, config, tensors, args, dtype, hashlib.sha256(raw).hexdigest(), len(raw),
-                         max_rank)
+                         max_rank, base_model_name)
 
 
 class AdapterStore:
@@ -160,8 +174,10 @@ class AdapterStore:
     AdapterWeights into what the device pool loads) in background threads ahead of need."""
 
     def __init__(self, root: str | None, args: ModelArgs, dtype: torch.dtype, max_rank: int,
-                 host_cache_bytes: int, pack: Callable[[AdapterWeights], Any], storage_options: dict | None = None):
+                 host_cache_bytes: int, pack: Callable[[AdapterWeights], Any], storage_options: dict | None = None,
+                 base_model_name: str | None = None):
         self.root, self.args, self.dtype, self.max_rank = root, args, dtype, max_rank
+        self.base_model_name = base_model_name
         self.capacity, self.pack, self.storage_options = host_cache_bytes, pack, storage_options
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._failed: dict[str, str] = {}
@@ -176,7 +192,7 @@ class AdapterStore:
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} requested but no adapter root was given (--adapters)")
         return self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
-                                      self.storage_options))
+                                      self.storage_options, self.base_model_name))
 
     def prefetch(self, adapter_ids) -> None:
         """Start reading adapters that will be needed soon (no-op for cached, failed or pending ones)."""

@@ -21,6 +21,7 @@ class EngineConfig:
     pool_memory_fraction: float = 0.85          # share of free GPU memory the pool takes (cuda)
     cpu_pool_bytes: int = 256 << 20             # pool size on cpu when num_pages is not given
     max_lora_rank: int = 64
+    base_model_name: str | None = None          # refuse adapters whose base_model_name_or_path names another base
     max_resident_adapters: int = 64            # adapters kept in the pool at once (idle ones are evicted LRU)
     host_cache_bytes: int = 4 << 30             # host-memory LRU of adapter weights
     default_max_new_tokens: int = 128

@@ -59,7 +59,7 @@ class Engine:
             config.adapters, args, config.torch_dtype, max_rank, config.host_cache_bytes,
             lambda weights: pack_adapter(weights, args, pool.page_numel, max_rank,
                                          pin_memory=config.device.startswith("cuda")),
-            config.storage_options)
+            config.storage_options, config.base_model_name)
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store)
         self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
 

@@ -39,6 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens in one prefill (default 4096)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
     p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
+    p.add_argument("--base-model-name", help="the base's name (e.g. meta-llama/Llama-2-7b-hf): adapters whose "
+                   "base_model_name_or_path names another base fail their rows")
     p.add_argument("--num-pages", type=int, help="page pool size (default: from free memory)")
     p.add_argument("--max-new-tokens", dest="default_max_new_tokens", type=int,
                    help="default for rows without max_new_tokens (default 128)")

@@ -82,3 +82,22 @@ def test_all_rows_ok_exits_0_and_plan_prints_waves(llama_fleet, tmp_path, capsys
     assert "predicted adapter loads" in capsys.readouterr().out
     assert main(["run"] + args + ["--output", str(tmp_path / "o"), "--no-progress"]) == 0
     assert "rows ok 6  failed 0" in capsys.readouterr().out
+
+
+def test_base_model_name_fails_only_the_rows_of_adapters_trained_on_another_base(llama_fleet, tmp_path):
+    import shutil
+    for adapter_id, trained_on in (("ours", "meta-llama/Llama-tiny"), ("theirs", "Qwen/Qwen2-0.5B")):
+        shutil.copytree(llama_fleet.adapters / "r8-qv", tmp_path / "adapters" / adapter_id)
+        config_path = tmp_path / "adapters" / adapter_id / "adapter_config.json"
+        config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()),
+                                               base_model_name_or_path=trained_on)))
+    requests = mixed_requests(["ours", "theirs"], 6, NEW_TOKENS, seed=2)
+    write_requests(tmp_path / "requests.parquet", requests)
+    assert main(["run", "--model", str(llama_fleet.model), "--adapters", str(tmp_path / "adapters"),
+                 "--requests", str(tmp_path / "requests.parquet"), "--output", str(tmp_path / "out"),
+                 "--base-model-name", "/models/llama-tiny", "--no-progress"]) == 1
+    rows = pl.read_parquet(f"{tmp_path / 'out'}/*.parquet")
+    failed = rows.filter(pl.col("finish_reason") == "error")
+    assert set(failed["adapter_id"]) == {"theirs"} and failed.height == 2
+    assert all("trained on 'Qwen/Qwen2-0.5B'" in e for e in failed["error"])
+    assert rows.filter(pl.col("adapter_id").ne_missing("theirs"))["error"].null_count() == 4   # ours + base rows

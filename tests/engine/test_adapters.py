@@ -131,3 +131,21 @@ def test_ranks_known_from_the_config_equal_the_weights(base):
         config = json.loads((base / "adapters" / adapter_id / "adapter_config.json").read_text())
         weights = read(base, adapter_id)
         assert configured_ranks(config, args) == {key: a.shape[0] for key, (a, _, _) in weights.modules.items()}
+
+
+def test_an_adapter_trained_on_another_base_is_refused_by_name(base):
+    build_adapter(base / "adapters" / "named", base / "model", rank=4, targets=["q_proj"])
+    config_path = base / "adapters" / "named" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    args = load_model_args(str(base / "model"))
+
+    def read_as(base_model_name, adapter_base):
+        config_path.write_text(json.dumps(dict(config, base_model_name_or_path=adapter_base)))
+        return read_adapter(str(base / "adapters"), "named", args, torch.float32, 64,
+                            base_model_name=base_model_name)
+
+    assert read_as("/models/llama-2-7b-hf/", "meta-llama/Llama-2-7b-hf").adapter_id == "named"
+    assert read_as(None, "Qwen/Qwen2-0.5B").adapter_id == "named"                      # no base name: no check
+    assert read_as("meta-llama/Llama-2-7b-hf", None).adapter_id == "named"            # the adapter names none
+    with pytest.raises(AdapterError, match="trained on 'Qwen/Qwen2-0.5B'.*'meta-llama/Llama-2-7b-hf'"):
+        read_as("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-0.5B")
