@@ -54,7 +54,7 @@ def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[t
 @dataclass
 class PackedAdapter:
     """An adapter laid out as the pages it will occupy, with row offsets relative to its first page.
-    Built on the host (in the read-ahead thread), so loading it is one copy into the pool."""
+    Built on the host (in a read-ahead thread), so loading it is one copy into the pool."""
     adapter_id: str
     sha256: str
     pages: torch.Tensor                   # [num_pages, page_numel], pinned on CUDA
