@@ -75,7 +75,7 @@ class ModelRunner:
                 n = seq.num_tokens
                 input_ids += seq.token_ids
                 positions += range(n)
-                slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(n)]
+                slots += [seq.kv_slot(p, block_size) for p in range(n)]
                 token_slots += [self._slot_of(seq)] * n
                 cu.append(cu[-1] + n)
             batch = Batch(True, self._tensor(slots), self.ops, None, cu_seqlens=self._tensor(cu, torch.int32),
@@ -87,7 +87,7 @@ class ModelRunner:
                 n = len(seq.token_ids)
                 input_ids.append(seq.token_ids[-1])
                 positions.append(n - 1)
-                slots.append(seq.block_table[(n - 1) // block_size] * block_size + (n - 1) % block_size)
+                slots.append(seq.kv_slot(n - 1, block_size))
                 token_slots.append(self._slot_of(seq))
                 context_lens.append(n)
             width = max(len(seq.block_table) for seq in seqs)

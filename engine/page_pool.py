@@ -66,7 +66,7 @@ class PagePool:
     def append_kv(self, seq: Sequence) -> bool:
         """Make room for the K/V of seq's newest token (a new block only when the last one is full);
         False when that needs a page and none is free."""
-        if len(seq.block_table) * self.block_size >= len(seq.token_ids):
+        if len(seq.block_table) * self.block_size >= seq.num_tokens:
             return True
         if not self.free_pages:
             return False

@@ -40,6 +40,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
+    def kv_slot(self, position: int, block_size: int) -> int:
+        """Where the K/V of the token at `position` lives: a flat slot of the pool's KV blocks."""
+        return self.block_table[position // block_size] * block_size + position % block_size
