@@ -4,7 +4,7 @@ Here a "replay" runs the recorded step eagerly on the same static buffers, on th
 interpreter on CPU), under a guard that fails on anything a CUDA graph capture rejects: a host read of
 a device value or an op whose output shape depends on data. That checks the bucket padding, the scratch
 page, the block-table and adapter-slot inputs, and the graph-safety of the step, without a GPU.
-Real captures on a GPU: tests/engine/test_gpu.py.
+On a GPU host the replays run eagerly on CUDA; real captures: tests/engine/test_gpu.py.
 """
 import threading
 from collections import Counter
@@ -77,8 +77,10 @@ def test_graph_decode_steps_give_the_eager_tokens(llama_fleet):
     mixed = mixed_requests(llama_fleet.adapter_ids, 11, 6, seed=3)
     base_only = [replace(r, request_id=f"base-{r.request_id}", adapter_id=None)
                  for r in mixed_requests(llama_fleet.adapter_ids, 3, 6, seed=4)]
+    # On a GPU host the same eager replays run on CUDA (the interpreter is only on without one).
     config = dict(model=str(llama_fleet.model), adapters=str(llama_fleet.adapters), kernels="triton",
-                  max_num_seqs=6, max_active_adapters=3, cpu_pool_bytes=8 << 20)
+                  device="cuda" if torch.cuda.is_available() else "cpu", cuda_graphs=False, num_pages=256,
+                  max_num_seqs=6, max_active_adapters=3)
 
     def run(engine):
         outputs = {o.request_id: o.output_token_ids for batch in (mixed, base_only) for o in engine.generate(batch)}
