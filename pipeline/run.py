@@ -18,7 +18,7 @@ from engine.engine import Engine
 from engine.loader import load_model_args, read_json
 from engine.model import ModelArgs
 from engine.model_runner import pool_geometry
-from engine.request import Request
+from engine.request import Request, RequestOutput
 from engine.tokenizer import Tokenizer
 from pipeline.plan import Plan, PlanBudget, PlanItem, plan_waves
 from pipeline.requests import ParsedRequests, parse_requests, read_request_table
@@ -145,7 +145,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
         store = ResultStore(output_url, so)
         done = store.committed_ids()
         todo = [r for r in parsed.requests if r.request_id not in done]
-        rejected = [o for o in parsed.rejected if o.request_id not in done]
+        rejected = _not_yet_written(parsed.rejected, done, store.committed_rows_without_id())
         summary.rows_skipped = len(parsed.requests) + len(parsed.rejected) - len(todo) - len(rejected)
         log.info("run %s: %d requests (%d already done, %d invalid rows) -> %s", run_id, len(todo),
                  summary.rows_skipped, len(rejected), output_url)
@@ -175,6 +175,14 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
         summary.output_tokens_per_s = stats.output_tokens / summary.wall_s
         write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so)
     return summary
+
+
+def _not_yet_written(rejected: list[RequestOutput], done: set[str], done_without_id: int) -> list[RequestOutput]:
+    """The error rows of invalid requests still to write. Rows without a request_id cannot be matched one
+    by one; they are parsed (and written) in table order, so the first `done_without_id` of them are done."""
+    without_id = [o for o in rejected if o.request_id is None]
+    return [o for o in rejected if o.request_id is not None and o.request_id not in done] + \
+        without_id[done_without_id:]
 
 
 def _generate(engine: Engine, requests: list[Request], writer: ShardWriter, summary: RunSummary, progress: bool,

@@ -159,6 +159,12 @@ def test_each_bad_row_fails_alone(tiny_fleet, tmp_path, monkeypatch, caplog, cap
     assert "duplicate" in caplog.text and "'good-01'" in caplog.text
     assert f"failed {len(BAD) + 1}" in capsys.readouterr().out
 
+    # Run again on the same output: every row, the one without a request_id included, is already there.
+    assert main(["run", "--model", str(tiny_fleet["model"]), "--adapters", str(adapters),
+                 "--requests", str(tmp_path / "requests.parquet"), "--output", str(out), "--no-progress"]) == 0
+    assert pl.read_parquet(f"{out}/**/*.parquet").height == results.height
+    assert f"skipped (already done) {results.height}" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("columns, words", [
     ({"id": ["r1"], "prompt": ["w1"]}, ["'request_id'"]),
