@@ -1,18 +1,23 @@
 """The night, as four daily assets; each is one call into pipeline/ plus the numbers a person wants in the UI.
 
 The data lives at the URLs of pipeline.layout, so the assets return metadata only (MaterializeResult) and
-pass nothing through an IO manager: each one reads what the one before it wrote.
+pass nothing through an IO manager: each one reads what the one before it wrote. `generations` is a graph:
+one step per adapter shard (LORAFLEET_ADAPTER_SHARDS, default 1), each on its own GPU, then their sum.
 """
 import polars as pl
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (AssetExecutionContext, AssetIn, In, MaterializeResult, MetadataValue, Nothing, OpExecutionContext,
+                     Out, asset, graph_asset, op)
 
 from pipeline.layout import metrics_url, requests_url, results_url
 from pipeline.metrics import nightly_metrics
+from pipeline.plan import AdapterShard, Plan
 from pipeline.requests import parse_requests, read_request_table
-from pipeline.run import plan_run, run_requests
+from pipeline.run import RunSummary, plan_run, run_requests
 
 from .partitions import daily
-from .resources import LorafleetResource
+from .resources import LorafleetResource, adapter_shards_from_env
+
+ADAPTER_SHARDS = [AdapterShard(i, n) for n in [adapter_shards_from_env()] for i in range(n)]
 
 WORST_ADAPTERS = 10
 WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match", "chrf", "delta_exact_match",
@@ -38,26 +43,48 @@ def requests(context: AssetExecutionContext, lorafleet: LorafleetResource) -> Ma
 @asset(partitions_def=daily, deps=[requests], kinds={"python"})
 def inference_plan(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
     """The adapter groups in waves that fit the GPU adapter budget, and the adapter loads they predict."""
-    plan = plan_run(lorafleet.engine_config(), requests_url(lorafleet.root, context.partition_key))
-    table = plan.format_table()
+    url = requests_url(lorafleet.root, context.partition_key)
+    plans = [plan_run(lorafleet.engine_config(shard), url, shard) for shard in ADAPTER_SHARDS]
+    tables = [p.format_table() for p in plans]
+    if len(plans) > 1:
+        tables = [f"adapter shard {s.index}/{s.count}\n{t}" for s, t in zip(ADAPTER_SHARDS, tables)]
+    table = "\n\n".join(tables)
     context.log.info(f"plan for {context.partition_key}:\n{table}")
-    return MaterializeResult(metadata={**plan.summary(), "plan": MetadataValue.md(f"```\n{table}\n```")})
+    return MaterializeResult(metadata={**Plan.concat(plans).summary(), "adapter_shards": len(ADAPTER_SHARDS),
+                                       "plan": MetadataValue.md(f"```\n{table}\n```")})
 
 
-@asset(partitions_def=daily, deps=[inference_plan], pool="gpu", kinds={"pytorch", "parquet"})
-def generations(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
-    """One result row per request; a re-run resumes from the committed shards instead of starting over."""
-    date = context.partition_key
-    summary = run_requests(lorafleet.engine_config(), requests_url(lorafleet.root, date),
-                           results_url(lorafleet.root, date), run_id=context.run.run_id, progress=False,
-                           log=context.log)
+def generate_step(shard: AdapterShard):
+    """The step that runs one adapter shard's engine. Its pool, gpu-<i>, has one slot (dagster.yaml): a
+    backfill queues the nights' engines instead of putting two on one GPU."""
+    @op(name=f"generate_shard_{shard.index}", pool=f"gpu-{shard.index}", ins={"plan": In(Nothing)})
+    def generate(context: OpExecutionContext, lorafleet: LorafleetResource) -> RunSummary:
+        date = context.partition_key
+        return run_requests(lorafleet.engine_config(shard), requests_url(lorafleet.root, date),
+                            results_url(lorafleet.root, date), run_id=context.run.run_id, adapter_shard=shard,
+                            progress=False, log=context.log)
+    return generate
+
+
+@op(out=Out(Nothing))
+def sum_shards(context: OpExecutionContext, summaries: list[RunSummary]) -> None:
+    """The metadata of `generations`: the adapter shards' summaries added up."""
+    summary = RunSummary.combine(summaries)
     finished = summary.rows_ok + summary.rows_failed
-    return MaterializeResult(metadata={
+    context.add_output_metadata({
         **summary.to_dict(),
         "output_url": MetadataValue.path(summary.output_url),
+        "adapter_shards": len(summaries),
         "rows": finished + summary.rows_skipped,
         "error_rate": summary.rows_failed / finished if finished else 0.0,
     })
+
+
+@graph_asset(partitions_def=daily, ins={"inference_plan": AssetIn(dagster_type=Nothing)},
+             kinds={"pytorch", "parquet"})
+def generations(inference_plan):
+    """One result row per request; a re-run resumes from the committed rows instead of starting over."""
+    return sum_shards([generate_step(shard)(inference_plan) for shard in ADAPTER_SHARDS])
 
 
 @asset(partitions_def=daily, deps=[generations], kinds={"polars", "parquet"})

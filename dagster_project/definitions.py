@@ -1,7 +1,7 @@
 """The one Definitions of the project: `dagster dev -m dagster_project` loads it."""
-from dagster import Definitions, in_process_executor
+from dagster import Definitions, in_process_executor, multiprocess_executor
 
-from .assets import adapter_metrics, generations, inference_plan, requests
+from .assets import ADAPTER_SHARDS, adapter_metrics, generations, inference_plan, requests
 from .checks import error_rate_under_bound, every_request_has_one_result, no_regressions
 from .resources import LorafleetResource
 from .schedules import new_requests_sensor, nightly_job, nightly_schedule
@@ -13,7 +13,8 @@ defs = Definitions(
     schedules=[nightly_schedule],
     sensors=[new_requests_sensor],
     resources={"lorafleet": LorafleetResource.from_env()},
-    # The steps of a night form one chain, so one process per run: no interpreter start and torch import
-    # per step. Runs of different days still run side by side, and the gpu pool serialises their engines.
-    executor=in_process_executor,
+    # A night with one adapter shard is one chain of steps, so one process per run: no interpreter start and
+    # torch import per step. With more, each shard's step needs its own process (its own GPU) to run at once.
+    # Runs of different days run side by side either way; the gpu-<i> pools serialise their engines.
+    executor=in_process_executor if len(ADAPTER_SHARDS) == 1 else multiprocess_executor,
 )

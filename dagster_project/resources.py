@@ -7,6 +7,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from engine.config import EngineConfig
+from pipeline.plan import AdapterShard
 from pipeline.storage import filesystem, join, visible_files
 
 DEMO_ROOT = str(Path(__file__).resolve().parents[1] / "demo_data")  # `python -m pipeline.demo --root demo_data`
@@ -43,9 +44,13 @@ class LorafleetResource(ConfigurableResource):
     def adapters_url(self) -> str:
         return self.adapters or join(self.root, "adapters")
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, adapter_shard: AdapterShard = AdapterShard()) -> EngineConfig:
+        """The engine of a night, or of one adapter shard of it: shard i takes GPU i (of those it sees)."""
+        device = self.device
+        if device == "cuda" and adapter_shard.count > 1:
+            device = f"cuda:{adapter_shard.index % torch.cuda.device_count()}"
         return EngineConfig.from_kwargs(**{**self.model_dump(), "model": self.model_url,
-                                           "adapters": self.adapters_url})
+                                           "adapters": self.adapters_url, "device": device})
 
     def request_days(self) -> dict[str, list[str]]:
         """The request Parquet files under <root>/requests, by day (the date=YYYY-MM-DD folder)."""
@@ -58,3 +63,12 @@ class LorafleetResource(ConfigurableResource):
             if day.startswith("date=") and path.endswith(".parquet"):
                 days.setdefault(day.removeprefix("date="), []).append(path)
         return days
+
+
+def adapter_shards_from_env(environ=os.environ) -> int:
+    """LORAFLEET_ADAPTER_SHARDS: parts a night is split into, by adapter, each its own step on its own GPU
+    (default 1). It shapes the graph of `generations`, so it is read when the code loads, not per run."""
+    text = environ.get("LORAFLEET_ADAPTER_SHARDS", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"LORAFLEET_ADAPTER_SHARDS must be a whole number >= 1, got {text!r}")
+    return int(text)

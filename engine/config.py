@@ -1,4 +1,5 @@
 """One config for the engine, validated once (nano-vllm style)."""
+import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -10,7 +11,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     model: str                                  # HF checkpoint dir, any fsspec URL
     adapters: str | None = None                 # adapter root: <adapters>/<adapter_id>/
-    device: str = "cpu"                         # cpu | cuda
+    device: str = "cpu"                         # cpu | cuda | cuda:N
     dtype: str = "float32"                      # float32 | bfloat16 | float16
     max_active_adapters: int = 8                # distinct adapters in one batch
     max_num_seqs: int = 64                      # sequences in one batch
@@ -32,10 +33,12 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda asked for, but torch sees no CUDA device")
+        if self.device.startswith("cuda:") and int(self.device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device}: torch sees {torch.cuda.device_count()} CUDA devices")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, got {self.kernels!r}")
         for name in ("max_active_adapters", "max_num_seqs", "max_num_batched_tokens", "block_size",

@@ -37,6 +37,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model: Transformer | None = None):
         """`model`: an already built model (benchmarks build random weights on the device); default: load it."""
         self.config, self.device = config, config.device
+        if config.device.startswith("cuda"):
+            # Streams, graphs, Triton launches and mem_get_info use the current device: make it ours (cuda:N).
+            torch.cuda.set_device(torch.device(config.device))
         self.model = model or load_model(config.model, config.torch_dtype, config.device, config.storage_options)
         self.args = args = self.model.args
         self.ops = kernel_ops(config.use_triton)

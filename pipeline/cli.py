@@ -9,6 +9,7 @@ import logging
 import sys
 
 from engine.config import EngineConfig
+from pipeline.plan import AdapterShard
 from pipeline.report import report
 from pipeline.results import OutputLocked
 from pipeline.run import RunNotStarted, plan_run, run_requests
@@ -27,11 +28,21 @@ def _storage_option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _adapter_shard(text: str) -> AdapterShard:
+    try:
+        return AdapterShard.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint directory (any fsspec URL)")
     p.add_argument("--adapters", help="adapter root: <root>/<adapter_id>/adapter_model.safetensors")
     p.add_argument("--requests", required=True, help="request Parquet file or directory (any fsspec URL)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--adapter-shard", type=_adapter_shard, default=AdapterShard(), metavar="I/N",
+                   help="run part I (0-based) of N parts with disjoint adapters, e.g. one per GPU: "
+                        "--adapter-shard 0/4 --device cuda:0 ... 3/4 cuda:3, all into the same --output")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-active-adapters", type=int, help="distinct adapters in one batch (default 8)")
     p.add_argument("--max-resident-adapters", type=int, help="adapters kept in the device pool (default 64)")
@@ -62,7 +73,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
 
 def _cmd_run(args) -> int:
     summary = run_requests(_config(args), args.requests, args.output, run_id=args.run_id,
-                           progress=not args.no_progress, rows_per_shard=args.rows_per_shard)
+                           adapter_shard=args.adapter_shard, progress=not args.no_progress,
+                           rows_per_shard=args.rows_per_shard)
     for line in summary.lines():
         print(line)
     return 1 if summary.rows_failed else 0
@@ -70,7 +82,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_plan(args) -> int:
     try:
-        plan = plan_run(_config(args), args.requests)
+        plan = plan_run(_config(args), args.requests, args.adapter_shard)
     except (ValueError, OSError) as e:
         raise RunNotStarted(f"cannot plan: {type(e).__name__}: {e}") from e
     print(plan.to_json() if args.json else plan.format_table())

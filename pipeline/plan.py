@@ -12,7 +12,7 @@ import heapq
 import json
 import math
 from collections import OrderedDict, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 WAVE_ADAPTERS_PER_ACTIVE = 4   # a wave holds at most this many times max_active_adapters adapters
 PREVIEW = 4                    # adapter ids a table line or a note names before "(+n)"
@@ -31,6 +31,34 @@ class PlanItem:
     @property
     def est_tokens(self) -> int:
         return self.prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class AdapterShard:
+    """Part `index` (0-based) of `count` parts of a night, split by adapter so that each part can run on
+    its own GPU and every adapter is still loaded on one GPU only."""
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"adapter shard {self.index}/{self.count}: want 0 <= index < count")
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterShard":
+        """'I/N', e.g. '0/4' .. '3/4'."""
+        index, sep, count = text.partition("/")
+        if not (sep and index.isdigit() and count.isdigit()):
+            raise ValueError(f"adapter shard wants I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return cls(int(index), int(count))
+
+    @property
+    def tag(self) -> str:
+        """What names this part's result files, lock and run records ('' for a whole night)."""
+        return f"s{self.index}of{self.count}" if self.count > 1 else ""
+
+    def select(self, items: list["PlanItem"]) -> list["PlanItem"]:
+        return split_by_adapter(items, self.count)[self.index] if self.count > 1 else items
 
 
 @dataclass
@@ -69,6 +97,14 @@ class Plan:
     # Loads of the same requests in table order: "naive" keeps one adapter resident (a load whenever
     # the adapter changes), "fifo_lru" keeps as many as the adapter pages hold, least recently used out.
     baseline_loads: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, plans: list["Plan"]) -> "Plan":
+        """The plans of a night's adapter shards as one plan (each shard's waves in turn). Shards have
+        disjoint adapters, so loads add up: predicted_adapter_loads is the sum of the shards'."""
+        waves = [replace(w, index=i) for i, w in enumerate(w for p in plans for w in p.waves)]
+        baselines = {k: sum(p.baseline_loads[k] for p in plans) for k in plans[0].baseline_loads}
+        return cls(waves, plans[0].budget, [n for p in plans for n in p.notes], baselines)
 
     def request_order(self) -> list[str]:
         """Every request id once, wave by wave: the order the engine receives them."""
@@ -163,6 +199,26 @@ def plan_waves(items: list[PlanItem], adapter_pages: dict[str, int], budget: Pla
     baselines = {"naive": count_adapter_loads(table_order, 1),
                  "fifo_lru": count_adapter_loads(table_order, budget.adapter_pages, pages=pages)}
     return Plan(waves, budget, notes, baselines)
+
+
+def split_by_adapter(items: list[PlanItem], count: int) -> list[list[PlanItem]]:
+    """Split a night into `count` parts with disjoint adapters: adapters, most work first, each to the part
+    with the least work so far; then base-model rows even out the work, as they do for waves. The split
+    depends only on `items`, so every part's process computes the same one."""
+    groups: dict[str | None, list[PlanItem]] = defaultdict(list)
+    for it in items:
+        groups[it.adapter_id].append(it)
+    base = groups.pop(None, [])
+    work = {a: sum(it.est_tokens for it in reqs) for a, reqs in groups.items()}
+    parts: list[list[PlanItem]] = [[] for _ in range(count)]
+    heap = [(0, i) for i in range(count)]
+    for a in sorted(groups, key=lambda a: (-work[a], a)):
+        load, i = heapq.heappop(heap)
+        parts[i] += groups[a]
+        heapq.heappush(heap, (load + work[a], i))
+    for part, base_rows in zip(parts, _spread(base, [sum(it.est_tokens for it in p) for p in parts])):
+        part += base_rows
+    return parts
 
 
 def count_adapter_loads(adapter_sequence: list[str | None], capacity: int, *,

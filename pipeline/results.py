@@ -1,7 +1,9 @@
 """The results side of a run: committed shards, the shard writer, the output lock and run records.
 
 Layout under the output URL: part-<n>.parquet shards (the result table) and `_`-prefixed folders that
-readers skip: `_runs/LOCK`, `_runs/<run_id>/<record>`, `_tmp/` (local temp files before their rename)."""
+readers skip: `_runs/LOCK`, `_runs/<run_id>/<record>`, `_tmp/` (local temp files before their rename).
+A run of one adapter shard (pipeline.plan.AdapterShard, tag s<i>of<n>) writes part-<tag>-<n>.parquet under
+`_runs/LOCK-<tag>` and keeps its records in `_runs/<run_id>/<tag>/`, so the shards of a night run at once."""
 import io
 import json
 import logging
@@ -22,7 +24,7 @@ from pipeline.schema import RESULT_SCHEMA
 from pipeline.storage import create_exclusive, filesystem, join, publish, visible_files
 
 log = logging.getLogger(__name__)
-SHARD_NAME = re.compile(r"part-(\d+)\.parquet")
+SHARD_NAME = re.compile(r"part-(?:(?P<tag>s\d+of\d+)-)?(?P<index>\d+)\.parquet")
 
 
 class ResultStore:
@@ -53,12 +55,12 @@ class ResultStore:
         """Committed error rows of requests that had no request_id."""
         return self.read_columns(["request_id"]).column(0).null_count
 
-    def next_shard_index(self) -> int:
-        indices = [int(SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]).group(1)) for p in self.shard_paths()]
-        return max(indices, default=-1) + 1
+    def next_shard_index(self, tag: str = "") -> int:
+        names = [SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]) for p in self.shard_paths()]
+        return max((int(m["index"]) for m in names if (m["tag"] or "") == tag), default=-1) + 1
 
-    def shard_path(self, index: int) -> str:
-        return join(self.root, f"part-{index:06d}.parquet")
+    def shard_path(self, index: int, tag: str = "") -> str:
+        return join(self.root, f"part-{tag + '-' if tag else ''}{index:06d}.parquet")
 
 
 class ShardWriter:
@@ -66,13 +68,14 @@ class ShardWriter:
     oldest buffered row has waited seconds_per_shard, and on exit (an exception included)."""
 
     def __init__(self, store: ResultStore, run_id: str, base_model: str, extra_columns: dict[str, dict],
-                 rows_per_shard: int = 256, seconds_per_shard: float = 30.0, extra_schema: pa.Schema | None = None):
-        self.store, self.run_id, self.base_model = store, run_id, base_model
+                 rows_per_shard: int = 256, seconds_per_shard: float = 30.0, extra_schema: pa.Schema | None = None,
+                 tag: str = ""):
+        self.store, self.run_id, self.base_model, self.tag = store, run_id, base_model, tag
         self.extra_columns = extra_columns
         self.extra_schema = extra_schema if extra_schema is not None else _infer_schema(extra_columns)
         self.schema = pa.schema(list(RESULT_SCHEMA) + list(self.extra_schema))
         self.rows_per_shard, self.seconds_per_shard = rows_per_shard, seconds_per_shard
-        self.next_index = store.next_shard_index()
+        self.next_index = store.next_shard_index(tag)
         self.buffer: list[tuple[RequestOutput, datetime]] = []
         self.buffer_since = 0.0
         self.rows_written = 0
@@ -91,7 +94,7 @@ class ShardWriter:
             return
         sink = io.BytesIO()
         pq.write_table(self._table(), sink)
-        publish(self.store.fs, self.store.shard_path(self.next_index), sink.getvalue(), join(self.store.root, "_tmp"))
+        publish(self.store.fs, self.store.shard_path(self.next_index, self.tag), sink.getvalue(), join(self.store.root, "_tmp"))
         self.next_index += 1
         self.rows_written += len(self.buffer)
         self.shards_written += 1
@@ -131,13 +134,13 @@ def _infer_schema(extra_columns: dict[str, dict]) -> pa.Schema:
 
 
 def write_run_record(output_url: str, run_id: str, name: str, content: str | bytes,
-                     storage_options: dict | None = None) -> str:
-    """Write <output>/_runs/<run_id>/<name>; returns its URL."""
+                     storage_options: dict | None = None, tag: str = "") -> str:
+    """Write <output>/_runs/<run_id>/[<tag>/]<name>; returns its URL."""
     if name.endswith(".parquet"):
         # `<out>/**/*.parquet` globs (Polars, DuckDB) do not skip `_` folders: keep Parquet out of _runs
         raise ValueError(f"run record {name!r}: run records must not be Parquet files")
     fs, root = filesystem(output_url, storage_options)
-    path = join(root, "_runs", run_id, name)
+    path = join(root, "_runs", run_id, *([tag] if tag else []), name)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, content.encode() if isinstance(content, str) else content)
     return fs.unstrip_protocol(path)
@@ -148,18 +151,18 @@ class OutputLocked(Exception):
 
 
 @contextmanager
-def output_lock(output_url: str, storage_options: dict | None = None, *,
+def output_lock(output_url: str, storage_options: dict | None = None, tag: str = "", *,
                 heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
-    """Hold <output>/_runs/LOCK while the block runs, so two runs never write one output.
+    """Hold <output>/_runs/LOCK[-<tag>] while the block runs, so two runs never write one output (or shard).
 
     A lock whose holder is gone is taken over with a warning: its pid is dead on this host, or its
     heartbeat (refreshed every heartbeat_s from a background thread) is older than stale_after_s."""
     fs, root = filesystem(output_url, storage_options)
-    path = join(root, "_runs", "LOCK")
+    path = join(root, "_runs", f"LOCK-{tag}" if tag else "LOCK")
     holder = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex, "heartbeat": time.time()}
-    _acquire(fs, root, holder, output_url, stale_after_s)
+    _acquire(fs, root, path, holder, output_url, stale_after_s)
     stop = threading.Event()
 
     def beat():
@@ -197,8 +200,7 @@ def _read_lock(fs, path: str) -> dict:
         return {"heartbeat": 0}
 
 
-def _acquire(fs, root: str, holder: dict, output_url: str, stale_after_s: float) -> None:
-    path = join(root, "_runs", "LOCK")
+def _acquire(fs, root: str, path: str, holder: dict, output_url: str, stale_after_s: float) -> None:
     data = json.dumps(holder).encode()
     try:
         create_exclusive(fs, path, data)

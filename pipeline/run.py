@@ -20,7 +20,7 @@ from engine.model import ModelArgs
 from engine.model_runner import pool_geometry
 from engine.request import Request, RequestOutput
 from engine.tokenizer import Tokenizer
-from pipeline.plan import Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
 from pipeline.requests import ParsedRequests, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
 
@@ -52,11 +52,28 @@ class RunSummary:
     pool_pages: int = 0
     preemptions: int = 0
     mean_adapters_per_decode_step: float = 0.0
+    started_at: float = 0.0        # unix time
     wall_s: float = 0.0
     output_tokens_per_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def combine(cls, parts: list["RunSummary"]) -> "RunSummary":
+        """One summary for the adapter shards of a night: counts add up (shards have disjoint rows and
+        adapters), pool figures are per GPU (the largest), wall time spans the first start to the last end."""
+        total = cls(parts[0].run_id, parts[0].output_url, duplicates=parts[0].duplicates)
+        for name in ("rows_ok", "rows_failed", "rows_skipped", "prompt_tokens", "output_tokens", "distinct_adapters",
+                     "adapter_loads", "adapter_bytes_loaded", "preemptions"):
+            setattr(total, name, sum(getattr(p, name) for p in parts))
+        total.peak_pool_pages_used = max(p.peak_pool_pages_used for p in parts)
+        total.pool_pages = max(p.pool_pages for p in parts)
+        total.mean_adapters_per_decode_step = sum(p.mean_adapters_per_decode_step for p in parts) / len(parts)
+        total.started_at = min(p.started_at for p in parts)
+        total.wall_s = max(p.started_at + p.wall_s for p in parts) - total.started_at
+        total.output_tokens_per_s = total.output_tokens / total.wall_s if total.wall_s else 0.0
+        return total
 
     def lines(self) -> list[str]:
         """What the CLI prints at the end."""
@@ -87,13 +104,25 @@ def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, 
     block_size, page_numel, num_pages = geometry
     adapters = sorted({r.adapter_id for r in requests if r.adapter_id is not None})
     pages = {a: adapter_page_estimate(config, args, page_numel, a) for a in adapters}
-    items = [PlanItem(r.request_id, r.adapter_id, prompt_lens[r.request_id], r.sampling.max_new_tokens)
-             for r in requests]
+    items = _plan_items(requests, prompt_lens)
     mean_tokens = sum(i.est_tokens for i in items) / max(len(items), 1)
     kv_pages = min(num_pages - 1, int(config.max_num_seqs * (mean_tokens / block_size + 1)))
     budget = PlanBudget(adapter_pages=max(num_pages - kv_pages, num_pages // 4, 1), kv_pages=max(kv_pages, 1),
                         max_active_adapters=config.max_active_adapters, block_size=block_size)
     return plan_waves(items, pages, budget)
+
+
+def _plan_items(requests: list[Request], prompt_lens: dict[str, int]) -> list[PlanItem]:
+    return [PlanItem(r.request_id, r.adapter_id, prompt_lens[r.request_id], r.sampling.max_new_tokens)
+            for r in requests]
+
+
+def _shard_requests(requests: list[Request], prompt_lens: dict[str, int], shard: AdapterShard) -> list[Request]:
+    """The requests of one adapter shard (all of them for a whole night)."""
+    if shard.count == 1:
+        return requests
+    by_id = {r.request_id: r for r in requests}
+    return [by_id[it.request_id] for it in shard.select(_plan_items(requests, prompt_lens))]
 
 
 def _tokenize(tokenizer: Tokenizer, requests: list[Request]) -> dict[str, int]:
@@ -108,12 +137,13 @@ def _read(config: EngineConfig, requests_url: str) -> ParsedRequests:
     return parse_requests(read_request_table(requests_url, config.storage_options), config.default_max_new_tokens)
 
 
-def plan_run(config: EngineConfig, requests_url: str) -> Plan:
-    """The plan a run would follow, without loading the model weights."""
+def plan_run(config: EngineConfig, requests_url: str, adapter_shard: AdapterShard = AdapterShard()) -> Plan:
+    """The plan a run (of one adapter shard) would follow, without loading the model weights."""
     parsed = _read(config, requests_url)
     prompt_lens = _tokenize(Tokenizer(config.model, config.storage_options), parsed.requests)
     args = load_model_args(config.model, config.storage_options)
-    return build_plan(config, args, pool_geometry(config, args), parsed.requests, prompt_lens)
+    return build_plan(config, args, pool_geometry(config, args),
+                      _shard_requests(parsed.requests, prompt_lens, adapter_shard), prompt_lens)
 
 
 def new_run_id() -> str:
@@ -128,9 +158,12 @@ def load_engine(config: EngineConfig) -> Engine:
 
 
 def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, run_id: str | None = None,
-                 progress: bool = True, log: logging.Logger | None = None, rows_per_shard: int = 256) -> RunSummary:
-    """Generate a result row for every request not yet committed under output_url.
+                 adapter_shard: AdapterShard = AdapterShard(), progress: bool = True,
+                 log: logging.Logger | None = None, rows_per_shard: int = 256) -> RunSummary:
+    """Generate a result row for every request (of `adapter_shard`) not yet committed under output_url.
 
+    The shards of one night may run at once, each on its own GPU, into the same output: each writes its
+    own result files under its own lock, and the invalid rows go with shard 0.
     Raises, before any work: pipeline.schema.TableError (the table cannot be a request table),
     pipeline.results.OutputLocked (another run writes this output) or RunNotStarted (model unreadable)."""
     log = log or LOG
@@ -138,28 +171,33 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
     run_id = run_id or new_run_id()
     so = config.storage_options
     parsed = _read(config, requests_url)
-    summary = RunSummary(run_id, output_url, duplicates=parsed.duplicates)
+    summary = RunSummary(run_id, output_url, duplicates=parsed.duplicates, started_at=time.time())
     for rid in parsed.duplicates:
         log.warning("duplicate request_id %r: only its first row is run", rid)
-    with output_lock(output_url, so):
+    tag = adapter_shard.tag
+    with output_lock(output_url, so, tag):
         store = ResultStore(output_url, so)
-        done = store.committed_ids()
-        todo = [r for r in parsed.requests if r.request_id not in done]
-        rejected = _not_yet_written(parsed.rejected, done, store.committed_rows_without_id())
-        summary.rows_skipped = len(parsed.requests) + len(parsed.rejected) - len(todo) - len(rejected)
-        log.info("run %s: %d requests (%d already done, %d invalid rows) -> %s", run_id, len(todo),
-                 summary.rows_skipped, len(rejected), output_url)
         engine = load_engine(config)
         try:
+            prompt_lens = _tokenize(engine.tokenizer, parsed.requests)
+            mine = _shard_requests(parsed.requests, prompt_lens, adapter_shard)
+            invalid = parsed.rejected if adapter_shard.index == 0 else []
+            done = store.committed_ids()
+            todo = [r for r in mine if r.request_id not in done]
+            rejected = _not_yet_written(invalid, done, store.committed_rows_without_id())
+            summary.rows_skipped = len(mine) + len(invalid) - len(todo) - len(rejected)
+            log.info("run %s%s: %d requests (%d already done, %d invalid rows) -> %s", run_id,
+                     f" (adapter shard {adapter_shard.index}/{adapter_shard.count})" if tag else "", len(todo),
+                     summary.rows_skipped, len(rejected), output_url)
             pool = engine.runner.pool
             plan = build_plan(config, engine.runner.args, (pool.block_size, pool.page_numel, pool.num_pages), todo,
-                              _tokenize(engine.tokenizer, todo))
-            write_run_record(output_url, run_id, "plan.json", plan.to_json(), so)
+                              prompt_lens)
+            write_run_record(output_url, run_id, "plan.json", plan.to_json(), so, tag)
             by_id = {r.request_id: r for r in todo}
             ordered = [by_id[rid] for rid in plan.request_order()]
             summary.distinct_adapters = len({r.adapter_id for r in todo if r.adapter_id})
             with ShardWriter(store, run_id, config.model, parsed.extra_columns, rows_per_shard=rows_per_shard,
-                             extra_schema=parsed.extra_schema) as writer:
+                             extra_schema=parsed.extra_schema, tag=tag) as writer:
                 for output in rejected:
                     writer.add(output)
                 _generate(engine, ordered, writer, summary, progress, log)
@@ -173,7 +211,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             setattr(summary, name, getattr(stats, name))
         summary.wall_s = time.perf_counter() - started
         summary.output_tokens_per_s = stats.output_tokens / summary.wall_s
-        write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so)
+        write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so, tag)
     return summary
 
 

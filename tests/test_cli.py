@@ -101,3 +101,35 @@ def test_base_model_name_fails_only_the_rows_of_adapters_trained_on_another_base
     assert set(failed["adapter_id"]) == {"theirs"} and failed.height == 2
     assert all("trained on 'Qwen/Qwen2-0.5B'" in e for e in failed["error"])
     assert rows.filter(pl.col("adapter_id").ne_missing("theirs"))["error"].null_count() == 4   # ours + base rows
+
+
+def test_adapter_shards_run_at_once_into_one_output(llama_fleet, tmp_path):
+    """Two processes, each one adapter shard (one GPU each in production), write one output together: every
+    row once, the outputs of a whole run, each adapter in one shard only, the invalid row written once."""
+    requests = mixed_requests(llama_fleet.adapter_ids, 16, NEW_TOKENS, seed=5)
+    ghost = {"request_id": "ghost", "adapter_id": "does-not-exist", "prompt_token_ids": [5, 6],
+             "max_new_tokens": NEW_TOKENS, "task": "t"}
+    write_requests(tmp_path / "requests.parquet", requests, [ghost])
+    args = ["--model", str(llama_fleet.model), "--adapters", str(llama_fleet.adapters),
+            "--requests", str(tmp_path / "requests.parquet"), "--no-progress"]
+    assert main(["run", *args, "--output", str(tmp_path / "whole")]) == 1
+    sharded = tmp_path / "sharded"
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args, "--output", str(sharded),
+                               "--adapter-shard", f"{i}/2", "--run-id", "night"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 1], outs   # the invalid row goes with shard 0
+
+    columns = ["request_id", "adapter_id", "output_token_ids", "finish_reason", "error"]
+    whole = pl.read_parquet(f"{tmp_path / 'whole'}/*.parquet").select(columns).sort("request_id")
+    together = pl.read_parquet(f"{sharded}/*.parquet").select(columns).sort("request_id")
+    assert together.height == 17 and together.to_dicts() == whole.to_dicts()
+    adapters_of = [set(pl.read_parquet(f"{sharded}/part-s{i}of2-*.parquet")["adapter_id"].drop_nulls())
+                   for i in range(2)]
+    assert adapters_of[0] and adapters_of[1] and not adapters_of[0] & adapters_of[1]
+    summaries = [json.loads((sharded / "_runs" / "night" / f"s{i}of2" / "summary.json").read_text()) for i in range(2)]
+    assert sum(s["rows_ok"] + s["rows_failed"] for s in summaries) == 17
+    assert not list((sharded / "_runs").glob("LOCK*"))                    # both locks released
+    # A rerun of one shard finds its rows done
+    assert main(["run", *args, "--output", str(sharded), "--adapter-shard", "1/2"]) == 0
+    assert pl.read_parquet(f"{sharded}/*.parquet").height == 17

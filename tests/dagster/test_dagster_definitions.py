@@ -26,7 +26,9 @@ def test_definitions_load_the_chain_its_checks_and_the_gpu_pool():
     for upstream, downstream in zip(ASSETS, ASSETS[1:]):
         assert graph.get(dg.AssetKey(downstream)).parent_keys == {dg.AssetKey(upstream)}
     assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == CHECKS
-    assert generations.op.pool == "gpu"
+    assert {step.name: step.pool for step in generations.node_def.node_defs} == \
+        {"generate_shard_0": "gpu-0", "sum_shards": None}
+    assert defs.executor.name == "in_process"
     job = defs.resolve_job_def("nightly")
     assert job.partitions_def == daily
     assert {(k.asset_key.to_user_string(), k.name) for k in job.asset_layer.asset_graph.asset_check_keys} == CHECKS

@@ -19,7 +19,7 @@ CHECKS = [every_request_has_one_result, error_rate_under_bound, no_regressions]
 
 
 def metadata(result: dg.ExecuteInProcessResult, asset: dg.AssetsDefinition) -> dict:
-    [materialization] = result.asset_materializations_for_node(asset.op.name)
+    [materialization] = result.asset_materializations_for_node(asset.node_def.name)
     return {k: v.value for k, v in materialization.metadata.items()}
 
 
@@ -83,12 +83,12 @@ def test_a_removed_result_row_fails_the_check_and_a_rerun_brings_it_back(lorafle
 
 
 def test_generations_waits_while_another_engine_holds_the_gpu_pool(lorafleet):
-    """The instance config `make ui` uses gives the `gpu` pool one slot: a second night's engine waits."""
+    """The instance config `make ui` uses gives the `gpu-0` pool one slot: a second night's engine waits."""
     with dg.instance_for_test(overrides=yaml.safe_load(INSTANCE_CONFIG.read_text())) as instance, \
             ThreadPoolExecutor(1) as pool:
         slots = instance.event_log_storage
-        slots.initialize_concurrency_limit_to_default("gpu")
-        assert slots.claim_concurrency_slot("gpu", "engine-of-another-run", "generations").is_claimed
+        slots.initialize_concurrency_limit_to_default("gpu-0")
+        assert slots.claim_concurrency_slot("gpu-0", "engine-of-another-run", "generations").is_claimed
         future = pool.submit(dg.materialize, ASSETS, selection=[generations], partition_key=DATES[0],
                              resources={"lorafleet": lorafleet}, instance=instance)
 
@@ -96,9 +96,9 @@ def test_generations_waits_while_another_engine_holds_the_gpu_pool(lorafleet):
             return [e.user_message for run in instance.get_runs() for e in instance.all_logs(run.run_id)]
 
         deadline = time.monotonic() + 60
-        while not any("blocked by limit for pool gpu" in m for m in messages()):
+        while not any("blocked by limit for pool gpu-0" in m for m in messages()):
             assert time.monotonic() < deadline and not future.done(), messages()
             time.sleep(0.5)
-        assert not any('Started execution of step "generations"' in m for m in messages())
+        assert not any('Started execution of step "generations.generate_shard_0"' in m for m in messages())
         slots.free_concurrency_slots_for_run("engine-of-another-run")
         assert future.result(timeout=120).success

@@ -1,5 +1,6 @@
-"""The real webserver: `dagster dev` in its own process group, a backfill over two nights through GraphQL,
-the results read back with Polars and DuckDB SQL, and the UI in headless Chromium."""
+"""The real webserver: `dagster dev` in its own process group, a backfill over two nights (each split into
+two adapter shards, each shard a step in its own process) through GraphQL, the results read back with
+Polars and DuckDB SQL, and the UI in headless Chromium."""
 import json
 import os
 import signal
@@ -110,7 +111,7 @@ def step_times(run: dict, step: str) -> tuple[float, float]:
 def test_backfill_of_two_nights_from_the_webserver(lorafleet, tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORAFLEET_ROOT": lorafleet.root,
            "LORAFLEET_MODEL": lorafleet.model, "LORAFLEET_ADAPTERS": lorafleet.adapters,
-           "LORAFLEET_MAX_ERROR_RATE": str(lorafleet.max_error_rate)}
+           "LORAFLEET_MAX_ERROR_RATE": str(lorafleet.max_error_rate), "LORAFLEET_ADAPTER_SHARDS": "2"}
     log = tmp_path / "dagster_dev.log"
     with dagster_dev(env, log) as url:
         params = {"assetSelection": [{"path": [a]} for a in ASSETS], "partitionNames": DATES,
@@ -124,12 +125,16 @@ def test_backfill_of_two_nights_from_the_webserver(lorafleet, tmp_path):
         assert backfill["status"] == "COMPLETED_SUCCESS", (backfill, log.read_text()[-5000:])
         runs = backfill["runs"]
         assert sorted(t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition") == DATES
-        # the gpu pool (limit 1) lets one engine run at a time: the nights' generations steps never overlap
-        first, second = sorted(step_times(r, "generations") for r in runs)
-        assert first[1] <= second[0]
+        # pool gpu-<i> (limit 1) runs one engine at a time on GPU i: the nights' shard-i steps never overlap
+        for shard in range(2):
+            first, second = sorted(step_times(r, f"generations.generate_shard_{shard}") for r in runs)
+            assert first[1] <= second[0]
 
         show_in_chromium(url, backfill_id)
 
+    for date in DATES:   # each night's rows came from both shards, into one folder
+        names = {p.name.split("-")[1] for p in Path(lorafleet.root, "results", f"date={date}").glob("part-*")}
+        assert names == {"s0of2", "s1of2"}, names
     results = pl.read_parquet(f"{lorafleet.root}/results/**/*.parquet", hive_partitioning=True)
     assert results.group_by(pl.col("date").cast(pl.String)).len().sort("date").rows() == [(d, 8) for d in DATES]
     assert results.filter(pl.col("finish_reason") == "error")["request_id"].sort().to_list() == \

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.plan import Plan, PlanBudget, PlanItem, count_adapter_loads, plan_waves
+from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, count_adapter_loads, plan_waves, split_by_adapter
 
 TARGET_SETS = [("q", "v"), ("q", "k", "v", "o"), ("q", "k", "v", "o", "gate", "up", "down")]
 
@@ -193,3 +193,27 @@ def test_any_plan_is_well_formed(rows, sizes, adapter_pages, kv_pages, active, b
         for v in plan.waves[i + 1:]:
             n = sum(a is not None for a in w.adapter_ids + v.adapter_ids)
             assert w.pages + v.pages > adapter_pages or n > budget.max_wave_adapters, (w, v)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_adapter_shards_are_disjoint_balanced_and_independent_of_row_order(count):
+    items, _ = fleet(60, n_base=40, seed=4)
+    parts = split_by_adapter(items, count)
+    assert sorted(it.request_id for p in parts for it in p) == sorted(it.request_id for it in items)
+    parts_of = Counter(a for a, _ in {(it.adapter_id, i) for i, p in enumerate(parts) for it in p} if a is not None)
+    assert set(parts_of.values()) == {1}, "each adapter in exactly one part"
+    work = [sum(it.est_tokens for it in p) for p in parts]
+    biggest = max(sum(it.est_tokens for it in items if it.adapter_id == a) for a in {it.adapter_id for it in items})
+    assert max(work) - min(work) <= biggest, work      # greedy by work: within one adapter's work
+    shuffled = random.Random(1).sample(items, len(items))
+    assert [sorted(it.request_id for it in p) for p in split_by_adapter(shuffled, count)] == \
+        [sorted(it.request_id for it in p) for p in parts]
+    assert [AdapterShard(i, count).select(items) for i in range(count)] == (parts if count > 1 else [items])
+
+
+def test_adapter_shard_parse_and_tag():
+    assert AdapterShard.parse("2/4") == AdapterShard(2, 4) and AdapterShard(2, 4).tag == "s2of4"
+    assert AdapterShard().tag == "" and AdapterShard.parse("0/1").tag == ""
+    for bad in ("4/4", "1", "-1/2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="adapter shard"):
+            AdapterShard.parse(bad)
