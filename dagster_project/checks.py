@@ -31,7 +31,7 @@ def read_result_columns(url: str, columns: list[str], storage_options: dict | No
 def result_id_problems(request_ids: list[str | None], result_ids: list[str | None]) -> dict[str, list[str]]:
     """Requests without a result row, result rows of no request, and ids with more than one result row.
     A row without a request_id (a rejected row) has no id to match, so it is left out on both sides."""
-    requested = set(request_ids) - {None}
+    requested = set(request_ids) - {None, ""}   # a row with an empty id is rejected like one with none
     counts = Counter(i for i in result_ids if i is not None)
     return {
         "missing": sorted(requested - counts.keys()),
@@ -47,7 +47,7 @@ def one_result_per_request(lorafleet: LorafleetResource, date: str) -> AssetChec
     problems = result_id_problems(request_ids, results["request_id"].to_list())
     return AssetCheckResult(
         passed=not any(problems.values()),
-        metadata={"requests": len(set(request_ids) - {None}), "result_rows": results.height,
+        metadata={"requests": len(set(request_ids) - {None, ""}), "result_rows": results.height,
                   **{kind: len(ids) for kind, ids in problems.items()},
                   **{f"{kind}_examples": ids[:EXAMPLES] for kind, ids in problems.items() if ids}},
     )

@@ -137,6 +137,9 @@ class ResidentAdapters:
     def touch(self, adapter_id: str) -> None:
         self.resident.move_to_end(adapter_id)
 
+    def pages_held(self, adapter_ids: list[str]) -> int:
+        return sum(len(self.resident[a][1]) for a in adapter_ids)
+
     def can_load(self, packed: PackedAdapter) -> bool:
         return bool(self.free_slots) and packed.num_pages <= self.pool.num_free
 
@@ -147,6 +150,8 @@ class ResidentAdapters:
         queued after the load waits for it."""
         pages = self.pool.allocate(packed.num_pages)
         slot = self.free_slots.pop()
+        if self.copy_stream:   # the pages and the slot may have been freed by work still queued on the main stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copy_stream) if self.copy_stream else nullcontext():
             page_ids = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
             self.pool.pages[page_ids] = packed.pages.to(self.device, non_blocking=True)

@@ -165,6 +165,8 @@ def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype
         tensors = load_safetensors_bytes(raw)
     except Exception as e:  # corrupt JSON, truncated or corrupt safetensors, storage errors
         raise AdapterError(f"adapter {adapter_id!r} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {adapter_id!r}: adapter_config.json is not a JSON object")
     return parse_adapter(adapter_id, config, tensors, args, dtype, hashlib.sha256(raw).hexdigest(), len(raw),
                          max_rank, base_model_name)
 
@@ -191,8 +193,13 @@ class AdapterStore:
     def _read(self, adapter_id: str):
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} requested but no adapter root was given (--adapters)")
-        return self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
-                                      self.storage_options, self.base_model_name))
+        try:
+            return self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
+                                          self.storage_options, self.base_model_name))
+        except AdapterError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a config field of the wrong type, a bad regex, storage: fail its rows
+            raise AdapterError(f"adapter {adapter_id!r} cannot be used: {type(e).__name__}: {e}") from None
 
     def prefetch(self, adapter_ids) -> None:
         """Start reading adapters that will be needed soon (no-op for cached, failed or pending ones)."""

@@ -100,7 +100,8 @@ class Engine:
             if not outputs and sched.waiting and not sched.running:
                 # Nothing runs and nothing can be admitted: the head of the queue cannot fit at all.
                 seq = sched.reject_head()
-                outputs.append(self._output(seq, "does not fit in the page pool next to its adapter"))
+                outputs.append(self._output(seq, "does not fit in the page pool" +
+                                            (" next to its adapter" if seq.adapter_id else "")))
             return outputs
         try:
             tokens = self.runner.run(seqs, is_prefill)
@@ -135,7 +136,7 @@ class Engine:
         if token in self.tokenizer.eos_token_ids:
             seq.finish_reason = "stop"
             return True
-        if seq.sampling.stop:
+        if seq.sampling.stop and self._tail_has_stop(seq):
             text = self.tokenizer.decode(seq.output_token_ids)
             hits = [i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0]
             if hits:
@@ -145,6 +146,15 @@ class Engine:
             seq.finish_reason = "length"
             return True
         return False
+
+    def _tail_has_stop(self, seq: Sequence) -> bool:
+        """Whether a stop string may end in the newest token. Only the last tokens are decoded (decoding the
+        whole output every step is quadratic): a match must end in the newest token (it was not there one
+        token ago), and each token gives at least a byte of text, so 4 tokens per character plus a margin
+        (a decoder may treat the window's first token differently) cover it."""
+        window = 4 * max(len(s) for s in seq.sampling.stop) + 4
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:])
+        return any(s in tail for s in seq.sampling.stop)
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         if error is not None:

@@ -2,6 +2,9 @@
 from dataclasses import dataclass, field
 
 
+GREEDY_BELOW = 1e-5   # temperatures under this sample greedily
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -19,7 +22,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below GREEDY_BELOW sampling is greedy in all but name, and logits / temperature overflow float32.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -6,7 +6,9 @@ Policy, in short:
 - adapters with no running sequence stay resident until their pages are needed, then go least recently
   used first, those with no waiting work before those with some; idle adapters are evicted before any
   running sequence is preempted;
-- when KV pages run out during decode, the newest sequence is preempted and later recomputed.
+- when KV pages run out during decode, the newest sequence is preempted and later recomputed;
+- no time slice (DESIGN): an active adapter keeps its place until its queue drains. Offline, the planner's
+  order already decides who goes first, and a slice would only add reloads.
 """
 from collections import Counter, deque
 from itertools import chain, islice
@@ -70,15 +72,25 @@ class Scheduler:
             self.adapters.touch(adapter_id)
             return True
         packed = self.store.get(adapter_id)   # AdapterError propagates to the caller
+        idle = self._idle(active)
+        if not self._room_after_evicting(idle, packed.num_pages) or not (self.adapters.free_slots or idle):
+            return False
         while not self.adapters.can_load(packed):
-            if not self._evict_idle(active):
-                return False
+            self._evict_idle(active)
         self.adapters.load(packed)
         return True
 
+    def _idle(self, active: set[str]) -> list[str]:
+        return [a for a in self.adapters.resident if a not in active]   # resident is in LRU order
+
+    def _room_after_evicting(self, idle: list[str], pages: int) -> bool:
+        """Whether evicting the idle adapters would free `pages`: never evict for nothing, since an
+        evicted adapter with waiting work must be loaded again."""
+        return pages <= self.pool.num_free + self.adapters.pages_held(idle)
+
     def _evict_idle(self, active: set[str]) -> bool:
         """Unload the least recently used idle adapter, preferring one with no waiting work."""
-        idle = [a for a in self.adapters.resident if a not in active]   # resident is in LRU order
+        idle = self._idle(active)
         if not idle:
             return False
         self.adapters.unload(min(idle, key=lambda a: self.waiting_per_adapter[a] > 0))
@@ -113,11 +125,11 @@ class Scheduler:
                 if not resident:
                     self.waiting.appendleft(seq)
                     break
-            while not self.pool.can_allocate_kv(seq) and self._evict_idle(active | {a}):
-                pass
-            if not self.pool.can_allocate_kv(seq):
+            if not self._room_after_evicting(self._idle(active | {a}), self.pool.blocks_needed(seq.num_tokens)):
                 self.waiting.appendleft(seq)
                 break
+            while not self.pool.can_allocate_kv(seq):
+                self._evict_idle(active | {a})
             if a is not None:
                 active.add(a)
             self._leave_waiting(seq)
@@ -161,10 +173,12 @@ class Scheduler:
         self.waiting_per_adapter[seq.adapter_id] += 1
 
     def back_off(self, batch: list[Sequence], is_prefill: bool) -> None:
-        """The device ran out of memory on `batch`: halve the batch limits and put sequences back in line
-        (recomputed later, so outputs do not change): all of a prefill batch, the back half of a decode one."""
+        """The device ran out of memory on `batch`: lower the batch limits to half the batch and put sequences
+        back in line (recomputed later, so outputs do not change): all of a prefill batch, the back half of a
+        decode one. The limits stay lowered for the rest of the run."""
         self.max_num_seqs = max(1, len(batch) // 2)
-        self.max_batched_tokens = max(1, sum(s.num_tokens for s in batch) // 2)
+        if is_prefill:
+            self.max_batched_tokens = max(1, min(self.max_batched_tokens, sum(s.num_tokens for s in batch) // 2))
         for seq in reversed(batch if is_prefill else batch[self.max_num_seqs:]):
             self.running.remove(seq)
             self.preempt(seq)

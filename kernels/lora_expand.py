@@ -77,7 +77,7 @@ def _expand_kernel(y_ptr, xa_ptr, pool_ptr, b_rows_ptr, ranks_ptr, scales_ptr, s
         else:
             acc = tl.dot(xa.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
     scale = tl.load(scales_ptr + s * n_slots + slot)
-    y_ptrs = y_ptr + tokens[:, None] * stride_y + lo + cols[None, :]
+    y_ptrs = y_ptr + tokens[:, None].to(tl.int64) * stride_y + lo + cols[None, :]   # int64: may pass 2**31
     mask = token_mask[:, None] & col_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=mask)

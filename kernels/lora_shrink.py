@@ -66,7 +66,7 @@ def _shrink_kernel(x_ptr, pool_ptr, a_rows_ptr, ranks_ptr, seg_starts_ptr, seg_s
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < d_in
-        x = tl.load(x_ptr + tokens[:, None] * stride_x + ks[None, :],
+        x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_x + ks[None, :],   # int64: may pass 2**31
                     mask=token_mask[:, None] & k_mask[None, :], other=0.0)          # [M, K]
         a = tl.load(pool_ptr + row_starts[:, None] + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)            # [R, K]

@@ -11,10 +11,10 @@ def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """Pure-torch reference.
 
     q [B, Hq, D]; k_cache, v_cache [num_pages, block_size, Hkv, D] (may be strided views of the pool);
-    block_tables int32 [B, max_blocks] (page ids, -1 past the end); context_lens int32 [B].
+    block_tables int32 [B, max_blocks] (page ids; entries past a row's blocks are never read); context_lens int32 [B].
     out[b] = softmax(q[b] K_b^T * scale) V_b over the first context_lens[b] cached tokens (GQA: query
     head h reads kv head h // (Hq // Hkv)). Returns [B, Hq, D] in q's dtype; zeros where
-    context_lens[b] == 0 (padding rows of a CUDA-graph batch).
+    context_lens[b] == 0.
     """
     batch, n_heads, _ = q.shape
     block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -84,7 +84,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Triton version of paged_attention_decode_ref (same arguments and result).
 
     Flash-style online softmax over the sequence's pages, one program per (sequence, kv head); no host
-    sync, so it can be captured in a CUDA graph (padding rows with context_lens 0 come out zero).
+    sync, so it can be captured in a CUDA graph (rows with context_lens 0 come out zero).
     """
     batch, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = k_cache.shape

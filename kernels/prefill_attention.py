@@ -40,7 +40,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, scale, head_di
     q_mask = q_pos < seq_len
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
-    q_rows = (seq_start + q_pos)[:, None]
+    q_rows = (seq_start + q_pos).to(tl.int64)[:, None]   # int64: rows x stride may pass 2**31
     q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + dims[None, :],
                 mask=q_mask[:, None] & dim_mask[None, :], other=0.0)               # [M, D]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -51,7 +51,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, scale, head_di
     for n0 in range(0, kv_end, BLOCK_N):
         kv_pos = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (kv_pos < seq_len)[:, None] & dim_mask[None, :]
-        kv_rows = (seq_start + kv_pos)[:, None]
+        kv_rows = (seq_start + kv_pos).to(tl.int64)[:, None]
         k = tl.load(k_ptr + kv_rows * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_rows * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [M, N]

@@ -101,7 +101,7 @@ def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedReques
     """Valid rows become Requests; each bad row becomes one error RequestOutput; a repeated
     request_id keeps its first row (valid or not) and is listed in `duplicates`."""
     extras = [c for c in table.column_names if c not in REQUEST_COLUMNS]
-    parsed = ParsedRequests(extra_schema=pa.schema([table.schema.field(c) for c in extras]))
+    parsed = ParsedRequests(extra_schema=pa.schema([_pass_through(table.schema.field(c)) for c in extras]))
     rows = table.select([c for c in table.column_names if c in REQUEST_COLUMNS]).to_pylist()
     extra_rows = table.select(extras).to_pylist() if extras else [{} for _ in rows]
     seen = set()
@@ -120,6 +120,12 @@ def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedReques
         else:
             parsed.requests.append(_request(row, default_max_new_tokens))
     return parsed
+
+
+def _pass_through(f: pa.Field) -> pa.Field:
+    """A column's type in the results. An all-null column is typed null; written as such, it would clash
+    with the same column of another night (string, say) when the nights are read as one table."""
+    return f.with_type(pa.string()) if pa.types.is_null(f.type) else f
 
 
 def _is_int(v) -> bool:

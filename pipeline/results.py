@@ -94,7 +94,8 @@ class ShardWriter:
             return
         sink = io.BytesIO()
         pq.write_table(self._table(), sink)
-        publish(self.store.fs, self.store.shard_path(self.next_index, self.tag), sink.getvalue(), join(self.store.root, "_tmp"))
+        publish(self.store.fs, self.store.shard_path(self.next_index, self.tag), sink.getvalue(),
+                join(self.store.root, "_tmp"))
         self.next_index += 1
         self.rows_written += len(self.buffer)
         self.shards_written += 1
@@ -218,6 +219,18 @@ def _acquire(fs, root: str, path: str, holder: dict, output_url: str, stale_afte
     if current.get("token") != holder["token"]:
         raise OutputLocked(f"{output_url} was locked by another run starting at the same moment "
                            f"(host {current.get('host')}, pid {current.get('pid')}); try again later")
+    for other in fs.glob(join(root, "_runs", "LOCK*")):
+        # Shards of one split run side by side; a whole run, or a split into another count, would redo their rows.
+        if _split_of(other) != _split_of(path) and not _is_stale(lock := _read_lock(fs, other), stale_after_s):
+            fs.rm_file(path)
+            raise OutputLocked(f"{output_url} is being written by another run split another way ("
+                               f"{other.rsplit('/', 1)[-1]}: host {lock.get('host')}, pid {lock.get('pid')}); "
+                               "wait for it, or run with the same --adapter-shard count")
+
+
+def _split_of(lock_path: str) -> int:
+    """Into how many adapter shards the run holding this lock splits the night: LOCK-s<i>of<n> -> n, LOCK -> 1."""
+    return int(lock_path.rsplit("of", 1)[1]) if "of" in lock_path.rsplit("/", 1)[-1] else 1
 
 
 def _is_stale(lock: dict, stale_after_s: float) -> bool:

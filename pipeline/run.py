@@ -90,12 +90,16 @@ class RunSummary:
 
 
 def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int, adapter_id: str) -> int:
-    """Pages an adapter will take, from its adapter_config.json alone (no weights read)."""
-    cfg = read_json(f"{config.adapters.rstrip('/')}/{adapter_id}/adapter_config.json", config.storage_options,
-                    missing_ok=True) if config.adapters else None
-    if not cfg:
-        return 1   # it will fail when loaded; its rows become error rows
-    return row_layout(adapter_pieces(args, configured_ranks(cfg, args)), page_numel)[1]
+    """Pages an adapter will take, from its adapter_config.json alone (no weights read). A config that
+    cannot be read counts 1 page: the adapter fails when loaded and its rows become error rows."""
+    if not config.adapters:
+        return 1
+    try:
+        cfg = read_json(f"{config.adapters.rstrip('/')}/{adapter_id}/adapter_config.json", config.storage_options,
+                        missing_ok=True)
+        return row_layout(adapter_pieces(args, configured_ranks(cfg, args)), page_numel)[1] if cfg else 1
+    except Exception:  # noqa: BLE001 - bad JSON, fields of the wrong type, a bad regex: the load will say what
+        return 1
 
 
 def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],

@@ -149,3 +149,19 @@ def test_an_adapter_trained_on_another_base_is_refused_by_name(base):
     assert read_as("meta-llama/Llama-2-7b-hf", None).adapter_id == "named"            # the adapter names none
     with pytest.raises(AdapterError, match="trained on 'Qwen/Qwen2-0.5B'.*'meta-llama/Llama-2-7b-hf'"):
         read_as("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-0.5B")
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("config-null", lambda c: None, "not a JSON object"),
+    ("bad-regex", lambda c: {**c, "target_modules": "(q_proj"}, "cannot be used: error"),
+    ("alpha-null", lambda c: {**c, "lora_alpha": None}, "cannot be used: TypeError"),
+])
+def test_malformed_configs_fail_the_adapter_not_the_run(base, name, edit, message):
+    src = build_adapter(base / "adapters" / "good-2", base / "model")
+    path = shutil.copytree(src, base / "adapters" / name) / "adapter_config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    store = AdapterStore(str(base / "adapters"), load_model_args(str(base / "model")), torch.float32, 64,
+                         host_cache_bytes=1 << 30, pack=lambda weights: weights)
+    with pytest.raises(AdapterError, match=message):
+        store.get(name)
+    store.close()

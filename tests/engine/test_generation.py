@@ -43,6 +43,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {0, 1}
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_a_tiny_temperature_samples_the_top_token(temperature):
+    logits = torch.tensor([[0.5, 2.0, 1.9, -3.0]])
+    seq = Sequence(Request("x", None, prompt_token_ids=[1], sampling=SamplingParams(temperature=temperature)),
+                   [1], 4, 0)
+    assert sample_next_tokens(logits, [seq]) == [1]
+
+
 def test_stop_string_truncates_text_and_finishes(engine):
     free = run(engine, Request("free", "r1-q", prompt="w9 w8 w7", sampling=SamplingParams(max_new_tokens=8)))["free"]
     words = free.output_text.split()

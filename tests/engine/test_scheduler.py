@@ -21,3 +21,18 @@ def test_read_ahead_scans_only_the_head_of_the_queue(llama_fleet):
     assert engine.scheduler.upcoming_adapters(3) == ["r1-q", "r4-regex-kv"]
     assert engine.scheduler.upcoming_adapters(1) == ["r1-q"]
     engine.close()
+
+
+def test_idle_adapters_are_evicted_only_when_that_makes_room(llama_fleet):
+    """Evicting an idle adapter for an adapter that still would not fit costs a reload for nothing."""
+    engine = Engine(EngineConfig(model=str(llama_fleet.model), adapters=str(llama_fleet.adapters)))
+    sched, pool, adapters = engine.scheduler, engine.runner.pool, engine.runner.adapters
+    assert sched._make_resident("r8-qv", set())
+    big = engine.adapter_store.get("r64-mlp-o").num_pages
+    short = big - adapters.pages_held(["r8-qv"])          # pages still missing once r8-qv is evicted
+    assert short > 0
+    taken = pool.allocate(pool.num_free - short + 1)       # one page too few, even after evicting
+    assert not sched._make_resident("r64-mlp-o", set()) and "r8-qv" in adapters.resident
+    pool.free(taken[:1])
+    assert sched._make_resident("r64-mlp-o", set()) and list(adapters.resident) == ["r64-mlp-o"]
+    engine.close()

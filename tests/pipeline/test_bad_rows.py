@@ -45,6 +45,8 @@ def bad_adapters(root, good, outside, marker) -> None:
     weights = copy("truncated") / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (copy("corrupt") / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    (copy("config-not-json") / "adapter_config.json").write_text("{not json")     # the planner reads it first
+    edit_config("rank-not-int", r="x")
     weights = copy("wrong-shapes") / "adapter_model.safetensors"
     tensors = load_file(weights)
     name = next(k for k in tensors if "lora_B" in k)
@@ -69,6 +71,8 @@ BAD = {
     "adapter-corrupt-1": ({"adapter_id": "corrupt"}, "cannot be read"),
     "adapter-corrupt-2": ({"adapter_id": "corrupt"}, "cannot be read"),
     "adapter-shapes": ({"adapter_id": "wrong-shapes"}, "fit the base"),
+    "adapter-config-not-json": ({"adapter_id": "config-not-json"}, "cannot be read"),
+    "adapter-rank-not-int": ({"adapter_id": "rank-not-int"}, "rank"),
     "adapter-dora": ({"adapter_id": "dora"}, "DoRA"),
     "adapter-embed": ({"adapter_id": "embed-target"}, "embed_tokens"),
     "adapter-lm-head": ({"adapter_id": "lm-head-target"}, "lm_head"),
@@ -94,6 +98,7 @@ GOOD_KINDS = [  # varied good rows: base model and both adapters, text and token
     {"adapter_id": "a1", "prompt": None, "prompt_token_ids": [5, 6, 7]},
     {"adapter_id": None, "prompt": "w10", "stop": ["w11"], "top_k": 5, "top_p": 0.9},
     {"adapter_id": "a2", "prompt": "w12 w13", "max_new_tokens": 2},
+    {"adapter_id": "a1", "prompt": "w2 w3", "temperature": 1e-300},   # float32 logits / 1e-300 would be NaN
 ]
 GOOD = [f"good-{i:02d}" for i in range(len(BAD) + 1)]
 

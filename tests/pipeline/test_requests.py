@@ -218,3 +218,9 @@ def test_extra_columns_pass_through_for_valid_and_rejected_rows():
     parsed = parse_requests(table, 4)
     assert parsed.extra_columns == {"ok": {"reference": "w5", "weight": 1}, "bad": {"reference": "w6", "weight": 2}}
     assert parsed.extra_schema == pa.schema([("reference", pa.string()), ("weight", pa.int16())])
+
+
+def test_an_all_null_extra_column_passes_through_as_strings():
+    # typed `null`, one night's column would not read together with another night's strings
+    parsed = parse_requests(pa.table({"request_id": ["r"], "prompt": ["w1"], "reference": pa.nulls(1)}), 4)
+    assert parsed.extra_schema == pa.schema([("reference", pa.string())])

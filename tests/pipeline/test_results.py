@@ -193,6 +193,23 @@ def test_heartbeat_is_refreshed_and_nested_lock_refused(tmp_path):
     assert not lock.exists()
 
 
+def test_shards_of_one_split_lock_side_by_side_and_other_splits_are_refused(tmp_path):
+    url = str(tmp_path)
+    with output_lock(url, tag="s0of2"), output_lock(url, tag="s1of2"):          # one split: side by side
+        for tag in ("", "s0of3"):                                              # the whole night, another split
+            with pytest.raises(OutputLocked, match="split another way"):
+                with output_lock(url, tag=tag):
+                    pass
+        with pytest.raises(OutputLocked, match="being written"):               # the same shard twice
+            with output_lock(url, tag="s1of2"):
+                pass
+    with output_lock(url):
+        with pytest.raises(OutputLocked, match="split another way"):
+            with output_lock(url, tag="s0of2"):
+                pass
+    assert not list((tmp_path / "_runs").glob("LOCK*"))
+
+
 def test_cli_refuses_a_second_run_on_the_same_output(tmp_path, capsys):
     from pipeline.cli import main
     pq.write_table(pa.table({"request_id": ["r1"], "prompt": ["w1"]}), tmp_path / "requests.parquet")
