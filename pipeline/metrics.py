@@ -127,14 +127,19 @@ def read_metrics_file(fs: fsspec.AbstractFileSystem, root_path: str, date: str) 
 
 
 def nightly_metrics(root: str, date: str, *, margin: float = 0.05, storage_options: dict | None = None) -> pl.DataFrame:
-    """Score the night's results, compare with the latest earlier night that has metrics, write
-    <root>/metrics/date=D/metrics.parquet (atomically) and return it."""
+    """Score the night's results, compare each adapter with its latest earlier night that has metrics,
+    write <root>/metrics/date=D/metrics.parquet (atomically) and return it. A night that ran but had no
+    requests (a results folder without result files) gets an empty table."""
     fs, root_path = filesystem(root, storage_options)
     results = read_day(fs, results_url(root_path, date))
     if results is None:
-        raise FileNotFoundError(f"no result files under {results_url(root, date)}")
-    earlier = [d for d in metric_dates(fs, root_path) if d < date]
-    previous = read_metrics_file(fs, root_path, earlier[-1]) if earlier else None
+        if not fs.isdir(results_url(root_path, date)):
+            raise FileNotFoundError(f"no result files under {results_url(root, date)}")
+        results = pl.DataFrame(schema={"request_id": pl.String, "adapter_id": pl.String, "output_text": pl.String,
+                                       "output_tokens": pl.Int32, "finish_reason": pl.String})
+    earlier = [read_metrics_file(fs, root_path, d) for d in metric_dates(fs, root_path) if d < date]
+    previous = (pl.concat(earlier, how="diagonal_relaxed").sort("date")
+                .group_by("adapter_id", maintain_order=True).last()) if earlier else None
     metrics = compare_with_previous(compute_adapter_metrics(results, date), previous, margin)
     day = metrics_url(root_path, date)
     buffer = io.BytesIO()

@@ -170,6 +170,21 @@ def test_nightly_metrics_on_memory_filesystem():
 def test_nightly_metrics_without_results(tmp_path):
     with pytest.raises(FileNotFoundError):
         nightly_metrics(str(tmp_path), "2026-01-01")
+    (tmp_path / "results" / "date=2026-01-01" / "_runs").mkdir(parents=True)   # ran, but had no requests
+    assert nightly_metrics(str(tmp_path), "2026-01-01").height == 0
+
+
+def test_each_adapter_compares_with_its_own_previous_night(tmp_path):
+    write_results(tmp_path, "2026-01-01", NIGHT)
+    write_results(tmp_path, "2026-01-02", NIGHT.filter(pl.col("adapter_id").ne_missing("rev")))   # no rev rows
+    wrong = NIGHT.with_columns(pl.when(pl.col("adapter_id") == "rev").then(pl.lit("wrong"))
+                               .otherwise(pl.col("output_text")).alias("output_text"))
+    write_results(tmp_path, "2026-01-03", wrong)
+    for date in ("2026-01-01", "2026-01-02"):
+        nightly_metrics(str(tmp_path), date)
+    night3 = nightly_metrics(str(tmp_path), "2026-01-03").sort("adapter_label")
+    assert night3["prev_date"].to_list() == ["2026-01-02", "2026-01-01", "2026-01-02"]   # <base>, rev, srt
+    assert night3.filter("regressed")["adapter_label"].to_list() == ["rev"]
 
 
 def test_nightly_metrics_on_s3(s3_bucket):
