@@ -12,6 +12,7 @@ from pipeline.layout import metrics_url, requests_url, results_url
 from pipeline.metrics import nightly_metrics
 from pipeline.plan import AdapterShard, Plan
 from pipeline.requests import parse_requests, read_request_table
+from pipeline.results import ResultStore
 from pipeline.run import RunSummary, plan_run, run_requests
 
 from .partitions import daily
@@ -67,16 +68,18 @@ def generate_step(shard: AdapterShard):
 
 
 @op(out=Out(Nothing))
-def sum_shards(context: OpExecutionContext, summaries: list[RunSummary]) -> None:
-    """The metadata of `generations`: the adapter shards' summaries added up."""
+def sum_shards(context: OpExecutionContext, lorafleet: LorafleetResource, summaries: list[RunSummary]) -> None:
+    """The metadata of `generations`: the adapter shards' summaries added up, and the night's error rate
+    over every committed row (a resumed run's own rows would understate it)."""
     summary = RunSummary.combine(summaries)
-    finished = summary.rows_ok + summary.rows_failed
+    reasons = ResultStore(summary.output_url, lorafleet.storage_options).read_columns(["finish_reason"]).column(0)
+    errors = reasons.to_pylist().count("error")
     context.add_output_metadata({
         **summary.to_dict(),
         "output_url": MetadataValue.path(summary.output_url),
         "adapter_shards": len(summaries),
-        "rows": finished + summary.rows_skipped,
-        "error_rate": summary.rows_failed / finished if finished else 0.0,
+        "rows": len(reasons),
+        "error_rate": errors / len(reasons) if len(reasons) else 0.0,
     })
 
 

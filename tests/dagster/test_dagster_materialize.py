@@ -78,7 +78,9 @@ def test_a_removed_result_row_fails_the_check_and_a_rerun_brings_it_back(lorafle
         assert not evaluation.passed and evaluation.metadata["missing_examples"].value == [removed]
 
         rerun = run(dg.AssetSelection.assets(generations))
-        assert metadata(rerun, generations)["rows_skipped"] == 7                # resumed, not started over
+        resumed = metadata(rerun, generations)
+        assert resumed["rows_skipped"] == 7 and resumed["rows_ok"] + resumed["rows_failed"] == 1   # not started over
+        assert (resumed["rows"], resumed["error_rate"]) == (8, 0.25)          # the night's, not this run's
         assert checks_passed(rerun)["every_request_has_one_result"]
 
 
