@@ -165,17 +165,13 @@ def plan_waves(items: list[PlanItem], adapter_pages: dict[str, int], budget: Pla
     ids = [it.request_id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("request_id must be unique among planned items")
-    groups: dict[str | None, list[PlanItem]] = defaultdict(list)
-    for it in items:
-        groups[it.adapter_id].append(it)
-    base = groups.pop(None, [])
+    groups, base, work = _by_adapter(items)
     notes = []
     unknown = sorted(a for a in groups if a not in adapter_pages)
     if unknown:
         notes.append(f"adapters with no page size (unreadable?), planned as 0 pages: {_preview(unknown)}"
                      f" ({len(unknown):,} in all)")
     pages = {a: adapter_pages.get(a, 0) for a in groups}
-    work = {a: sum(it.est_tokens for it in reqs) for a, reqs in groups.items()}
     too_long = sum(math.ceil(it.est_tokens / budget.block_size) > budget.kv_pages for it in items)
     if too_long:
         notes.append(f"requests needing more KV pages than the pool's {budget.kv_pages:,}: {too_long:,}")
@@ -201,15 +197,20 @@ def plan_waves(items: list[PlanItem], adapter_pages: dict[str, int], budget: Pla
     return Plan(waves, budget, notes, baselines)
 
 
-def split_by_adapter(items: list[PlanItem], count: int) -> list[list[PlanItem]]:
-    """Split a night into `count` parts with disjoint adapters: adapters, most work first, each to the part
-    with the least work so far; then base-model rows even out the work, as they do for waves. The split
-    depends only on `items`, so every part's process computes the same one."""
+def _by_adapter(items: list[PlanItem]) -> tuple[dict[str, list[PlanItem]], list[PlanItem], dict[str, int]]:
+    """Items grouped by adapter, the base-model items, and each adapter's work (estimated tokens)."""
     groups: dict[str | None, list[PlanItem]] = defaultdict(list)
     for it in items:
         groups[it.adapter_id].append(it)
     base = groups.pop(None, [])
-    work = {a: sum(it.est_tokens for it in reqs) for a, reqs in groups.items()}
+    return groups, base, {a: sum(it.est_tokens for it in reqs) for a, reqs in groups.items()}
+
+
+def split_by_adapter(items: list[PlanItem], count: int) -> list[list[PlanItem]]:
+    """Split a night into `count` parts with disjoint adapters: adapters, most work first, each to the part
+    with the least work so far; then base-model rows even out the work, as they do for waves. The split
+    depends only on `items`, so every part's process computes the same one."""
+    groups, base, work = _by_adapter(items)
     parts: list[list[PlanItem]] = [[] for _ in range(count)]
     heap = [(0, i) for i in range(count)]
     for a in sorted(groups, key=lambda a: (-work[a], a)):
