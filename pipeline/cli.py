@@ -11,7 +11,7 @@ import sys
 from engine.config import EngineConfig
 from pipeline.plan import AdapterShard
 from pipeline.report import report
-from pipeline.results import OutputLocked
+from pipeline.results import OutputUnavailable
 from pipeline.run import RunNotStarted, plan_run, run_requests
 from pipeline.schema import TableError
 
@@ -90,7 +90,12 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    print(f"chart: {report(args.root, args.date, args.png)}")
+    try:
+        chart = report(args.root, args.date, args.png)
+    except FileNotFoundError as e:   # no metrics (or none for that date): one line, no traceback
+        print(f"lorafleet: error: {e}", file=sys.stderr)
+        return 2
+    print(f"chart: {chart}")
     return 0
 
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (TableError, OutputLocked, RunNotStarted, UsageError) as e:
+    except (TableError, OutputUnavailable, RunNotStarted, UsageError) as e:
         # Raised before any row ran: the run could not start. One line, no traceback.
         print(f"lorafleet: error: {e}", file=sys.stderr)
         return 2

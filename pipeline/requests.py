@@ -51,6 +51,10 @@ def _read_one(fs, path: str) -> pa.Table:
     for column in columns:
         if column in RESULT_COLUMNS and column not in REQUEST_COLUMNS:
             raise TableError(f"{name}: column '{column}' is a result column; rename it so it can pass through")
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type) and f.name not in REQUEST_COLUMNS:
+            # a Categorical pass-through column in one file and plain strings in another are one column
+            table = table.set_column(i, f.name, table[f.name].cast(f.type.value_type))
     for column, (accepts, cast_to, wanted) in REQUEST_COLUMNS.items():
         if column not in columns:
             continue

@@ -147,8 +147,8 @@ def write_run_record(output_url: str, run_id: str, name: str, content: str | byt
     return fs.unstrip_protocol(path)
 
 
-class OutputLocked(Exception):
-    """Another live run is writing this output."""
+class OutputUnavailable(Exception):
+    """Another live run is writing this output, or the output cannot be written at all."""
 
 
 @contextmanager
@@ -163,7 +163,10 @@ def output_lock(output_url: str, storage_options: dict | None = None, tag: str =
     holder = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex, "heartbeat": time.time()}
-    _acquire(fs, root, path, holder, output_url, stale_after_s)
+    try:
+        _acquire(fs, root, path, holder, output_url, stale_after_s)
+    except OSError as e:   # no permission, read-only storage, a file where the folder should be
+        raise OutputUnavailable(f"cannot write {output_url}: {type(e).__name__}: {e}") from None
     stop = threading.Event()
 
     def beat():
@@ -208,7 +211,7 @@ def _acquire(fs, root: str, path: str, holder: dict, output_url: str, stale_afte
     except FileExistsError:
         current = _read_lock(fs, path)
         if not _is_stale(current, stale_after_s):
-            raise OutputLocked(
+            raise OutputUnavailable(
                 f"{output_url} is being written by another run (host {current.get('host')}, pid {current.get('pid')}, "
                 f"started {current.get('started')}); wait for it to finish, or use another --output") from None
         log.warning("taking over the stale output lock of %s (host %s, pid %s, started %s)",
@@ -217,13 +220,13 @@ def _acquire(fs, root: str, path: str, holder: dict, output_url: str, stale_afte
     time.sleep(0.05)  # let a racing writer's PUT land, then confirm the lock is ours
     current = _read_lock(fs, path)
     if current.get("token") != holder["token"]:
-        raise OutputLocked(f"{output_url} was locked by another run starting at the same moment "
+        raise OutputUnavailable(f"{output_url} was locked by another run starting at the same moment "
                            f"(host {current.get('host')}, pid {current.get('pid')}); try again later")
     for other in fs.glob(join(root, "_runs", "LOCK*")):
         # Shards of one split run side by side; a whole run, or a split into another count, would redo their rows.
         if _split_of(other) != _split_of(path) and not _is_stale(lock := _read_lock(fs, other), stale_after_s):
             fs.rm_file(path)
-            raise OutputLocked(f"{output_url} is being written by another run split another way ("
+            raise OutputUnavailable(f"{output_url} is being written by another run split another way ("
                                f"{other.rsplit('/', 1)[-1]}: host {lock.get('host')}, pid {lock.get('pid')}); "
                                "wait for it, or run with the same --adapter-shard count")
 

@@ -169,7 +169,8 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
     The shards of one night may run at once, each on its own GPU, into the same output: each writes its
     own result files under its own lock, and the invalid rows go with shard 0.
     Raises, before any work: pipeline.schema.TableError (the table cannot be a request table),
-    pipeline.results.OutputLocked (another run writes this output) or RunNotStarted (model unreadable)."""
+    pipeline.results.OutputUnavailable (another run writes this output, or it cannot be written) or
+    RunNotStarted (model unreadable)."""
     log = log or LOG
     started = time.perf_counter()
     run_id = run_id or new_run_id()

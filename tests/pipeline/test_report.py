@@ -76,3 +76,10 @@ def test_report_without_metrics(tmp_path):
         report(str(tmp_path), None, None)
     with pytest.raises(FileNotFoundError):
         report(str(tmp_path), "2026-03-02", None)
+
+
+def test_cli_report_without_metrics_says_so_in_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no metrics" in err[0]

@@ -113,6 +113,14 @@ def test_extra_column_with_conflicting_types_across_files(tmp_path):
     assert "'task'" in message and a in message and b in message
 
 
+def test_categorical_and_plain_string_pass_through_columns_read_as_one(tmp_path):
+    pq.write_table(pa.table({"request_id": ["r1"], "prompt": ["w1"],
+                             "task": pa.array(["qa"]).dictionary_encode()}), tmp_path / "a.parquet")
+    write(tmp_path / "b.parquet", {"request_id": ["r2"], "prompt": ["w2"], "task": ["sort"]})
+    table = read_request_table(str(tmp_path))
+    assert table.schema.field("task").type == pa.string() and sorted(table["task"].to_pylist()) == ["qa", "sort"]
+
+
 def test_column_named_like_a_result_column(tmp_path):
     path = write(tmp_path / "t.parquet", {"request_id": ["r1"], "prompt": ["w1"], "output_text": ["old"]})
     message = table_error(path)

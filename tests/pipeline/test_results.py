@@ -18,7 +18,7 @@ import pytest
 
 import pipeline.storage
 from engine.request import RequestOutput
-from pipeline.results import OutputLocked, ResultStore, ShardWriter, output_lock, write_run_record
+from pipeline.results import OutputUnavailable, ResultStore, ShardWriter, output_lock, write_run_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,7 +153,7 @@ def test_second_run_refused_while_first_lives_then_taken_over_when_it_dies(tmp_p
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputLocked) as info:
+        with pytest.raises(OutputUnavailable) as info:
             with output_lock(str(tmp_path)):
                 pass
         message = str(info.value)
@@ -173,7 +173,7 @@ def test_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
     lock.parent.mkdir()
     other = {"host": "gpu-node-7", "pid": 1, "started": "2026-11-22T03:00:00+00:00", "token": "t"}
     lock.write_text(json.dumps({**other, "heartbeat": time.time()}))
-    with pytest.raises(OutputLocked, match="gpu-node-7"):
+    with pytest.raises(OutputUnavailable, match="gpu-node-7"):
         with output_lock(str(tmp_path), stale_after_s=60):
             pass
     lock.write_text(json.dumps({**other, "heartbeat": time.time() - 61}))
@@ -187,7 +187,7 @@ def test_heartbeat_is_refreshed_and_nested_lock_refused(tmp_path):
         first = json.loads(lock.read_text())["heartbeat"]
         time.sleep(0.3)
         assert json.loads(lock.read_text())["heartbeat"] > first
-        with pytest.raises(OutputLocked):                              # same process, still alive: refused
+        with pytest.raises(OutputUnavailable):                              # same process, still alive: refused
             with output_lock(str(tmp_path)):
                 pass
     assert not lock.exists()
@@ -197,14 +197,14 @@ def test_shards_of_one_split_lock_side_by_side_and_other_splits_are_refused(tmp_
     url = str(tmp_path)
     with output_lock(url, tag="s0of2"), output_lock(url, tag="s1of2"):          # one split: side by side
         for tag in ("", "s0of3"):                                              # the whole night, another split
-            with pytest.raises(OutputLocked, match="split another way"):
+            with pytest.raises(OutputUnavailable, match="split another way"):
                 with output_lock(url, tag=tag):
                     pass
-        with pytest.raises(OutputLocked, match="being written"):               # the same shard twice
+        with pytest.raises(OutputUnavailable, match="being written"):               # the same shard twice
             with output_lock(url, tag="s1of2"):
                 pass
     with output_lock(url):
-        with pytest.raises(OutputLocked, match="split another way"):
+        with pytest.raises(OutputUnavailable, match="split another way"):
             with output_lock(url, tag="s0of2"):
                 pass
     assert not list((tmp_path / "_runs").glob("LOCK*"))
@@ -226,3 +226,10 @@ def test_cli_refuses_a_second_run_on_the_same_output(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "another run" in err and f"pid {holder.pid}" in err
     assert list(out.glob("part-*")) == []
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputUnavailable, match="cannot write"):
+        with output_lock(str(tmp_path / "file" / "out")):
+            pass

@@ -8,7 +8,7 @@ import pytest
 
 from engine.request import RequestOutput
 from pipeline.requests import parse_requests, read_request_table
-from pipeline.results import OutputLocked, ResultStore, ShardWriter, output_lock, write_run_record
+from pipeline.results import OutputUnavailable, ResultStore, ShardWriter, output_lock, write_run_record
 from pipeline.schema import TableError
 from pipeline.storage import create_exclusive, filesystem
 
@@ -38,7 +38,7 @@ def round_trip(bucket: str, storage_options: dict | None) -> None:
     store = ResultStore(out, storage_options)
     with output_lock(out, storage_options) as held:
         assert json.loads(fs.cat_file(f"{bucket}/results/date=2026-11-22/_runs/LOCK"))["token"] == held["token"]
-        with pytest.raises(OutputLocked, match="being written by another run"):
+        with pytest.raises(OutputUnavailable, match="being written by another run"):
             with output_lock(out, storage_options):
                 pass
         with ShardWriter(store, "run1", "s3://models/tiny", parsed.extra_columns, rows_per_shard=2,
