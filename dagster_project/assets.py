@@ -18,7 +18,7 @@ from pipeline.run import RunSummary, plan_run, run_requests
 from .partitions import daily
 from .resources import LorafleetResource, adapter_shards_from_env
 
-ADAPTER_SHARDS = [AdapterShard(i, n) for n in [adapter_shards_from_env()] for i in range(n)]
+ADAPTER_SHARDS = adapter_shards_from_env()
 
 WORST_ADAPTERS = 10
 WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match", "chrf", "delta_exact_match",

@@ -65,10 +65,10 @@ class LorafleetResource(ConfigurableResource):
         return days
 
 
-def adapter_shards_from_env(environ=os.environ) -> int:
+def adapter_shards_from_env(environ=os.environ) -> list[AdapterShard]:
     """LORAFLEET_ADAPTER_SHARDS: parts a night is split into, by adapter, each its own step on its own GPU
     (default 1). It shapes the graph of `generations`, so it is read when the code loads, not per run."""
     text = environ.get("LORAFLEET_ADAPTER_SHARDS", "1")
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"LORAFLEET_ADAPTER_SHARDS must be a whole number >= 1, got {text!r}")
-    return int(text)
+    return [AdapterShard(i, int(text)) for i in range(int(text))]

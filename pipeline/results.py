@@ -221,7 +221,7 @@ def _acquire(fs, root: str, path: str, holder: dict, output_url: str, stale_afte
     current = _read_lock(fs, path)
     if current.get("token") != holder["token"]:
         raise OutputUnavailable(f"{output_url} was locked by another run starting at the same moment "
-                           f"(host {current.get('host')}, pid {current.get('pid')}); try again later")
+                                f"(host {current.get('host')}, pid {current.get('pid')}); try again later")
     for other in fs.glob(join(root, "_runs", "LOCK*")):
         # Shards of one split run side by side; a whole run, or a split into another count, would redo their rows.
         if _split_of(other) != _split_of(path) and not _is_stale(lock := _read_lock(fs, other), stale_after_s):

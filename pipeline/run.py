@@ -189,7 +189,9 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             invalid = parsed.rejected if adapter_shard.index == 0 else []
             done = store.committed_ids()
             todo = [r for r in mine if r.request_id not in done]
-            rejected = _not_yet_written(invalid, done, store.committed_rows_without_id())
+            # rows without an id are rare: read the ids a second time only when there are some
+            without_id = store.committed_rows_without_id() if any(o.request_id is None for o in invalid) else 0
+            rejected = _not_yet_written(invalid, done, without_id)
             summary.rows_skipped = len(mine) + len(invalid) - len(todo) - len(rejected)
             log.info("run %s%s: %d requests (%d already done, %d invalid rows) -> %s", run_id,
                      f" (adapter shard {adapter_shard.index}/{adapter_shard.count})" if tag else "", len(todo),

@@ -3,14 +3,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from dagster_project import defs
 from dagster_project.assets import generations
 from dagster_project.partitions import daily
-from dagster_project.resources import DEMO_ROOT, LorafleetResource
+from dagster_project.resources import DEMO_ROOT, LorafleetResource, adapter_shards_from_env
 from dagster_project.schedules import new_requests_sensor, nightly_schedule
 from dagster_project.ui import prepare_home
 from fleet_tables import DATES, write_requests
+from pipeline.plan import AdapterShard
 
 ASSETS = ["requests", "inference_plan", "generations", "adapter_metrics"]
 CHECKS = {("generations", "every_request_has_one_result"), ("generations", "error_rate_under_bound"),
@@ -64,6 +66,14 @@ def test_resource_takes_each_setting_from_its_env_var(monkeypatch):
         ("/models/base", "s3://bucket/adapters", "cpu", "float16", 3)
     monkeypatch.delenv("LORAFLEET_MODEL")
     assert LorafleetResource.from_env().engine_config().model == "s3://bucket/fleet/model"
+
+
+def test_adapter_shards_come_from_their_env_var():
+    assert adapter_shards_from_env({}) == [AdapterShard(0, 1)]
+    assert adapter_shards_from_env({"LORAFLEET_ADAPTER_SHARDS": "3"}) == [AdapterShard(i, 3) for i in range(3)]
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="LORAFLEET_ADAPTER_SHARDS"):
+            adapter_shards_from_env({"LORAFLEET_ADAPTER_SHARDS": bad})
 
 
 def test_instance_config_limits_the_gpu_pool_to_one(tmp_path):
