@@ -45,7 +45,7 @@ def requests(context: AssetExecutionContext, lorafleet: LorafleetResource) -> Ma
 def inference_plan(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
     """The adapter groups in waves that fit the GPU adapter budget, and the adapter loads they predict."""
     url = requests_url(lorafleet.root, context.partition_key)
-    plans = [plan_run(lorafleet.engine_config(shard), url, shard) for shard in ADAPTER_SHARDS]
+    plans = plan_run(lorafleet.engine_config(), url, ADAPTER_SHARDS)
     tables = [p.format_table() for p in plans]
     if len(plans) > 1:
         tables = [f"adapter shard {s.index}/{s.count}\n{t}" for s, t in zip(ADAPTER_SHARDS, tables)]

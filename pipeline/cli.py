@@ -82,7 +82,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_plan(args) -> int:
     try:
-        plan = plan_run(_config(args), args.requests, args.adapter_shard)
+        [plan] = plan_run(_config(args), args.requests, (args.adapter_shard,))
     except (ValueError, OSError) as e:
         raise RunNotStarted(f"cannot plan: {type(e).__name__}: {e}") from e
     print(plan.to_json() if args.json else plan.format_table())

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -141,13 +142,16 @@ def _read(config: EngineConfig, requests_url: str) -> ParsedRequests:
     return parse_requests(read_request_table(requests_url, config.storage_options), config.default_max_new_tokens)
 
 
-def plan_run(config: EngineConfig, requests_url: str, adapter_shard: AdapterShard = AdapterShard()) -> Plan:
-    """The plan a run (of one adapter shard) would follow, without loading the model weights."""
+def plan_run(config: EngineConfig, requests_url: str,
+             adapter_shards: Sequence[AdapterShard] = (AdapterShard(),)) -> list[Plan]:
+    """The plan a run of each adapter shard would follow, without loading the model weights (the table is
+    read and tokenized once for all of them)."""
     parsed = _read(config, requests_url)
     prompt_lens = _tokenize(Tokenizer(config.model, config.storage_options), parsed.requests)
     args = load_model_args(config.model, config.storage_options)
-    return build_plan(config, args, pool_geometry(config, args),
-                      _shard_requests(parsed.requests, prompt_lens, adapter_shard), prompt_lens)
+    geometry = pool_geometry(config, args)
+    return [build_plan(config, args, geometry, _shard_requests(parsed.requests, prompt_lens, shard), prompt_lens)
+            for shard in adapter_shards]
 
 
 def new_run_id() -> str:
