@@ -6,7 +6,7 @@ from engine.adapter_memory import ResidentAdapters
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.loader import load_model
-from engine.lora import LoraBatch
+from engine.lora import DECODE_TILE, PREFILL_TILE, LoraBatch, LoraWorkspace
 from engine.model import Batch, ModelArgs, Transformer
 from engine.page_pool import PagePool
 from engine.sampling import sample_next_tokens
@@ -33,29 +33,39 @@ def pool_geometry(config: EngineConfig, args: ModelArgs) -> tuple[int, int, int]
     return block_size, page_numel, num_pages
 
 
+def use_device(device: str) -> torch.device:
+    """The torch device of `cpu`, `cuda` or `cuda:N`, made current when it is a GPU: streams, graphs, Triton
+    launches and mem_get_info use the current device. A plain `cuda` is the current one."""
+    if not device.startswith("cuda"):
+        return torch.device(device)
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: Transformer | None = None):
         """`model`: an already built model (benchmarks build random weights on the device); default: load it."""
-        self.config, self.device = config, config.device
-        if config.device.startswith("cuda"):
-            # Streams, graphs, Triton launches and mem_get_info use the current device: make it ours (cuda:N).
-            torch.cuda.set_device(torch.device(config.device))
-        self.model = model or load_model(config.model, config.torch_dtype, config.device, config.storage_options)
+        self.config = config
+        self.device = use_device(config.device)
+        self.model = model or load_model(config.model, config.torch_dtype, self.device, config.storage_options)
         self.args = args = self.model.args
         self.ops = kernel_ops(config.use_triton)
         block_size, _, num_pages = pool_geometry(config, args)
         self.pool = PagePool(num_pages, args.num_layers, block_size, args.num_kv_heads, args.head_dim,
-                             config.torch_dtype, config.device)
+                             config.torch_dtype, self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.pool.kv_cache(i)
         self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
-                                         config.device)
+                                         self.device)
+        self.lora_workspace = LoraWorkspace(self.device)
         self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
                                  args.sliding_window or args.max_position_embeddings)
         self.graphs = None
         if config.device.startswith("cuda") and config.cuda_graphs and config.use_triton:
             self.graphs = DecodeGraphs(self.model, self.ops, self.adapters, self.pool, config.max_num_seqs,
-                                       self.pool.blocks_needed(self.max_model_len))
+                                       self.pool.blocks_needed(self.max_model_len), config.max_active_adapters)
 
     def _slot_of(self, seq: Sequence) -> int:
         return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
@@ -99,10 +109,12 @@ class ModelRunner:
                                                 for seq in seqs], dtype=np.int32))
             if self.graphs and self.graphs.fits(len(seqs)):
                 hidden = self.graphs.run(input_ids, positions, slots, token_slots, tables, context_lens)
-                return self.model.compute_logits(hidden)
+                if hidden is not None:
+                    return self.model.compute_logits(hidden)
             batch = Batch(False, self._tensor(slots), self.ops, None, block_tables=tables.to(self.device),
                           context_lens=self._tensor(context_lens, torch.int32))
             last = None
-        batch.lora = LoraBatch.from_token_slots(self.ops, self.adapters, token_slots, self.device)
+        batch.lora = LoraBatch.from_token_slots(self.ops, self.adapters, self.lora_workspace, token_slots,
+                                                PREFILL_TILE if is_prefill else DECODE_TILE)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
         return self.model.compute_logits(hidden if last is None else hidden[last])

@@ -6,11 +6,13 @@ Policy, in short:
 - adapters with no running sequence stay resident until their pages are needed, then go least recently
   used first, those with no waiting work before those with some; idle adapters are evicted before any
   running sequence is preempted;
-- when KV pages run out during decode, the newest sequence is preempted and later recomputed;
+- when KV pages run out during decode, the sequence last in the running queue (kept in adapter slot
+  order, see _slot) is preempted and later recomputed;
 - no time slice (DESIGN): an active adapter keeps its place until its queue drains. Offline, the planner's
   order already decides who goes first, and a slice would only add reloads.
 """
 from collections import Counter, deque
+from heapq import merge
 from itertools import chain, islice
 
 from engine.adapter_memory import ResidentAdapters
@@ -138,8 +140,9 @@ class Scheduler:
             batch.append(seq)
             tokens += seq.num_tokens
         self.waiting.extendleft(reversed(skipped))
-        self.running.extend(batch)
-        return self._by_adapter(batch)
+        batch.sort(key=self._slot)
+        self.running = list(merge(self.running, batch, key=self._slot))
+        return batch
 
     def _schedule_decode(self) -> list[Sequence]:
         batch, queue = [], deque(self.running)
@@ -156,12 +159,12 @@ class Scheduler:
             else:
                 batch.append(seq)
         self.running = batch
-        return self._by_adapter(batch)
+        return list(batch)   # a copy: finishing sequences leaves `running` while the caller walks the batch
 
-    def _by_adapter(self, batch: list[Sequence]) -> list[Sequence]:
-        """Order a batch so each adapter's tokens are contiguous (long LoRA segments)."""
-        slot = {a: self.adapters.slot(a) for a in {s.adapter_id for s in batch} if a is not None}
-        return sorted(batch, key=lambda s: slot.get(s.adapter_id, -1))
+    def _slot(self, seq: Sequence) -> int:
+        """The running queue, and so every batch, is kept in adapter slot order: each adapter's tokens are
+        one run, which the LoRA kernels cut into tiles. A running sequence's adapter keeps its slot."""
+        return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
 
     def preempt(self, seq: Sequence) -> None:
         """Free a sequence's KV and put it first in line; it is recomputed from its tokens later."""

@@ -7,14 +7,14 @@ Triton set runs only under TRITON_INTERPRET=1, set before triton is first import
 from types import SimpleNamespace
 
 from kernels.lora_expand import lora_expand, lora_expand_ref
-from kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from kernels.lora_shrink import lora_shrink, lora_shrink_ref, lora_split_k, lora_split_k_ref
 from kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
-REFERENCE_OPS = SimpleNamespace(lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref,
+REFERENCE_OPS = SimpleNamespace(lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref, lora_split_k=lora_split_k_ref,
                                 paged_attention_decode=paged_attention_decode_ref,
                                 prefill_attention=prefill_attention_ref)
-TRITON_OPS = SimpleNamespace(lora_shrink=lora_shrink, lora_expand=lora_expand,
+TRITON_OPS = SimpleNamespace(lora_shrink=lora_shrink, lora_expand=lora_expand, lora_split_k=lora_split_k,
                              paged_attention_decode=paged_attention_decode,
                              prefill_attention=prefill_attention)
 

@@ -91,7 +91,7 @@ def test_graph_decode_steps_give_the_eager_tokens(llama_fleet):
     engine = Engine(EngineConfig(**config))
     runner = engine.runner
     graphs = EagerReplayGraphs(runner.model, runner.ops, runner.adapters, runner.pool, 6,
-                               runner.pool.blocks_needed(runner.max_model_len))
+                               runner.pool.blocks_needed(runner.max_model_len), 3)
     runner.graphs = graphs
     assert graphs.buckets == [1, 2, 4, 6]
     assert run(engine) == expected

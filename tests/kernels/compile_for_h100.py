@@ -13,12 +13,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from engine.lora import DECODE_TILE, PREFILL_TILE
 from kernels import lora_expand, lora_shrink, paged_attention_decode, prefill_attention
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                 torch.int64: "i64"}
 H100 = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # launch keywords that are compile options, not constexprs
 
 
 class CompileInsteadOfLaunch:
@@ -29,14 +31,15 @@ class CompileInsteadOfLaunch:
     def __getitem__(self, grid):
         return self.compile
 
-    def compile(self, *args, **constexprs):
-        names = self.kernel.arg_names
+    def compile(self, *args, **keywords):
+        options = {k: keywords.pop(k) for k in LAUNCH_OPTIONS if k in keywords}
+        constexprs, names = keywords, self.kernel.arg_names
         signature = {name: "constexpr" if name in constexprs else self.type_of(arg)
                      for name, arg in zip(names, list(args) + [None] * len(constexprs))}
         source = ASTSource(self.kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(source, target=H100)
-        assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT, (self.kernel.__name__, constexprs)
-        self.compiled.append((self.kernel.__name__, signature, constexprs, compiled.metadata.shared))
+        compiled = triton.compile(source, target=H100, options=options)
+        assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT, (self.kernel.__name__, constexprs, options)
+        self.compiled.append((self.kernel.__name__, signature, {**constexprs, **options}, compiled.metadata.shared))
 
     @staticmethod
     def type_of(arg) -> str:
@@ -57,13 +60,14 @@ def main() -> None:
         pool = torch.zeros(4096, dtype=dtype)
         a_rows = torch.zeros(3, 4, 64, dtype=torch.int64)
         ranks, scales = torch.ones(3, 4, **ints), torch.ones(3, 4)
-        for n_tokens, max_seg_len in [(8, 1), (8, 8), (100, 100)]:               # gather, short and long segments
-            seg_starts = torch.arange(0, n_tokens + 1, max_seg_len, **ints)
-            seg_slots = torch.zeros(seg_starts.shape[0] - 1, **ints)
-            x = torch.zeros(n_tokens, 64, dtype=dtype)
-            xa = lora_shrink(x, pool, a_rows, ranks, seg_starts, seg_slots, max_seg_len)
-            lora_expand(torch.zeros(n_tokens, 96, dtype=dtype), xa, pool, a_rows, ranks, scales,
-                        seg_starts, seg_slots, max_seg_len, (0, 32, 64, 96))
+        for tile_size in (DECODE_TILE, PREFILL_TILE):
+            tiles = torch.tensor([[0, 0, tile_size]], **ints)
+            x = torch.zeros(tile_size, 1024, dtype=dtype)
+            for split_k in (1, 4):
+                xa = torch.zeros(split_k, 3, tile_size, 64)
+                lora_shrink(x, pool, a_rows, ranks, tiles, tile_size, xa)
+                lora_expand(torch.zeros(tile_size, 96, dtype=dtype), xa, pool, a_rows, ranks, scales, tiles,
+                            tile_size, (0, 32, 64, 96))
         kv = torch.zeros(4, 2, 16, 2, 128, dtype=dtype)
         paged_attention_decode(torch.zeros(3, 8, 128, dtype=dtype), kv[:, 0], kv[:, 1], torch.zeros(3, 2, **ints),
                                torch.ones(3, **ints), 0.1)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from engine.lora import DECODE_TILE, PREFILL_TILE, lora_tiles
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The interpreter mis-computes tl.dot on bfloat16 inputs: bf16 runs only on a GPU.
@@ -15,7 +17,11 @@ TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(ato
               torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
 
 RANK_CHOICES = (1, 2, 3, 7, 8, 13, 16, 17, 31, 32, 64)
-PATTERNS = ("none", "one", "mixed", "distinct")
+# none: base rows only; one: one adapter; mixed: adapters with base rows between them (a slot may come back);
+# distinct: every run its own adapter; arrival: one token a run, adapters at random (nothing grouped)
+PATTERNS = ("none", "one", "mixed", "distinct", "arrival")
+TILE_SIZES = {"decode": DECODE_TILE, "prefill": PREFILL_TILE}
+RUN_LENGTHS = {"decode": 20, "prefill": 80}   # longest run of one slot drawn for each form
 
 
 @dataclass
@@ -26,40 +32,42 @@ class LoraCase:
     b_rows: torch.Tensor
     ranks: torch.Tensor           # int32 [n_slices, S]
     scales: torch.Tensor          # float32 [n_slices, S]
-    seg_starts: torch.Tensor      # int32 [n_seg + 1]
-    seg_slots: torch.Tensor       # int32 [n_seg]
-    max_seg_len: int
+    tiles: torch.Tensor           # int32 [n_tiles, 3]: the live tiles, then dead ones (slot -1) as a graph has
+    tile_size: int
     slice_offsets: tuple[int, ...]
     a_dense: dict                 # (slice, slot) -> A^T [r, d_in]
     b_dense: dict                 # (slice, slot) -> B [r, d_out]
     token_slots: list[int]        # slot of each token
 
+    def xa(self, split_k: int = 1) -> torch.Tensor:
+        """A scratch buffer for lora_shrink, filled with NaN: entries nothing writes stay NaN."""
+        n_slices, _, max_rank = self.a_rows.shape
+        return torch.full((split_k, n_slices, self.x.shape[0], max_rank), float("nan"), device=DEVICE)
 
-def segments(pattern: str, n_tokens: int, decode: bool, gen: torch.Generator) -> tuple[list[int], list[int]]:
-    """Segment lengths and slots: decode has one token a segment; 'distinct' gives every segment its own
-    slot (slots 0..n_seg-1); the others use slots 0..3 and -1."""
-    if decode:
-        lengths = [1] * n_tokens
-    else:
-        lengths = []
-        while sum(lengths) < n_tokens:
-            lengths.append(min(int(torch.randint(1, 9, (1,), generator=gen)), n_tokens - sum(lengths)))
-    n_seg = len(lengths)
+
+def token_runs(pattern: str, n_tokens: int, form: str, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """Run lengths and slots: 'distinct' gives every run its own slot (slots 0..n_runs-1); the others use
+    slots 0..3 and -1."""
+    lengths = []
+    longest = 1 if pattern == "arrival" else RUN_LENGTHS[form]
+    while sum(lengths) < n_tokens:
+        lengths.append(min(int(torch.randint(1, longest + 1, (1,), generator=gen)), n_tokens - sum(lengths)))
+    n_runs = len(lengths)
     if pattern == "none":
-        slots = [-1] * n_seg
+        slots = [-1] * n_runs
     elif pattern == "one":
-        slots = [2] * n_seg
-    elif pattern == "mixed":
-        slots = torch.randint(-1, 4, (n_seg,), generator=gen).tolist()
+        slots = [2] * n_runs
+    elif pattern in ("mixed", "arrival"):
+        slots = torch.randint(-1, 4, (n_runs,), generator=gen).tolist()
     else:
-        slots = list(range(n_seg))
+        slots = list(range(n_runs))
     return lengths, slots
 
 
-def make_lora_case(pattern: str, n_tokens: int, d_in: int, d_outs: tuple[int, ...], decode: bool,
+def make_lora_case(pattern: str, n_tokens: int, d_in: int, d_outs: tuple[int, ...], form: str,
                    dtype: torch.dtype, max_rank: int = 64, seed: int = 0) -> LoraCase:
     gen = torch.Generator().manual_seed(seed)
-    lengths, slots = segments(pattern, n_tokens, decode, gen)
+    lengths, slots = token_runs(pattern, n_tokens, form, gen)
     n_slices, n_slots = len(d_outs), max(4, len(slots))
     choices = torch.tensor([r for r in RANK_CHOICES if r <= max_rank])
     ranks = choices[torch.randint(0, len(choices), (n_slices, n_slots), generator=gen)].to(torch.int32)
@@ -87,22 +95,46 @@ def make_lora_case(pattern: str, n_tokens: int, d_in: int, d_outs: tuple[int, ..
             a_rows[s, slot, :r], b_rows[s, slot, :r] = rows_a * width, rows_b * width
             a_dense[s, slot], b_dense[s, slot] = a.to(dtype).double(), b.to(dtype).double()
 
-    starts = torch.tensor([0] + lengths).cumsum(0)
     token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
+    tile_size = TILE_SIZES[form]
+    # dead tiles after the live ones, pointing far outside the batch: a kernel that reads them fails
+    dead = torch.tensor([[-1, 10 ** 6, tile_size]] * 2, dtype=torch.int32)
+    tiles = torch.cat([torch.from_numpy(lora_tiles(token_slots, tile_size)), dead])
     offsets = tuple(torch.tensor((0,) + d_outs).cumsum(0).tolist())
     x = torch.randn(n_tokens, d_in, generator=gen)
     return LoraCase(x=x.to(DEVICE, dtype), pool=pool.flatten().to(DEVICE, dtype), a_rows=a_rows.to(DEVICE),
                     b_rows=b_rows.to(DEVICE), ranks=ranks.to(DEVICE), scales=scales.to(DEVICE),
-                    seg_starts=starts.to(DEVICE, torch.int32), max_seg_len=max(lengths),
-                    seg_slots=torch.tensor(slots, dtype=torch.int32, device=DEVICE),
-                    slice_offsets=offsets, a_dense=a_dense, b_dense=b_dense, token_slots=token_slots)
+                    tiles=tiles.to(DEVICE), tile_size=tile_size, slice_offsets=offsets, a_dense=a_dense,
+                    b_dense=b_dense, token_slots=token_slots)
+
+
+def shrink(op, case: LoraCase, split_k: int = 1, x: torch.Tensor | None = None) -> torch.Tensor:
+    xa = case.xa(split_k)
+    op(case.x if x is None else x, case.pool, case.a_rows, case.ranks, case.tiles, case.tile_size, xa)
+    return xa
+
+
+def expand(op, case: LoraCase, y: torch.Tensor, xa: torch.Tensor) -> None:
+    op(y, xa, case.pool, case.b_rows, case.ranks, case.scales, case.tiles, case.tile_size, case.slice_offsets)
+
+
+def written(case: LoraCase, xa: torch.Tensor) -> torch.Tensor:
+    """xa where lora_shrink must write (tokens of an adapter, columns below its rank), NaN elsewhere: the
+    entries nothing reads are left as they were, so both sides compare equal there."""
+    mask = torch.zeros(xa.shape[1:], dtype=torch.bool)
+    for t, slot in enumerate(case.token_slots):
+        for s in range(xa.shape[1]):
+            if slot >= 0:
+                mask[s, t, :int(case.ranks[s, slot])] = True
+    return torch.where(mask.to(xa.device), xa, float("nan"))
 
 
 def dense_shrink(case: LoraCase) -> torch.Tensor:
-    """xa in float64 straight from the per-adapter dense matrices, token by token."""
+    """xa in float64 straight from the per-adapter dense matrices, token by token (NaN where nothing is
+    written, as `written` shows it)."""
     n_slices, _, max_rank = case.a_rows.shape
     x = case.x.double().cpu()
-    xa = torch.zeros(n_slices, x.shape[0], max_rank, dtype=torch.float64)
+    xa = torch.full((n_slices, x.shape[0], max_rank), float("nan"), dtype=torch.float64)
     for t, slot in enumerate(case.token_slots):
         for s in range(n_slices):
             if slot >= 0:
@@ -120,12 +152,3 @@ def dense_lora_delta(case: LoraCase) -> torch.Tensor:
             if slot >= 0:
                 delta[t, lo:hi] = x[t] @ case.a_dense[s, slot].T @ case.b_dense[s, slot] * float(case.scales[s, slot])
     return delta
-
-
-def xa_past_rank_nan(case: LoraCase, xa: torch.Tensor) -> torch.Tensor:
-    """A copy of xa with NaN past each token's rank, so an expand that reads past a rank shows it."""
-    xa = xa.clone()
-    for t, slot in enumerate(case.token_slots):
-        for s in range(xa.shape[0]):
-            xa[s, t, int(case.ranks[s, slot]) if slot >= 0 else 0:] = float("nan")
-    return xa

@@ -3,24 +3,22 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernel_cases import DEVICE, PATTERNS, dense_lora_delta, dense_shrink, make_lora_case
+from kernel_cases import DEVICE, PATTERNS, dense_lora_delta, dense_shrink, expand, make_lora_case, shrink, written
 from kernels import lora_expand_ref, lora_shrink_ref
 
 
 @pytest.mark.parametrize("d_outs", [(48,), (40, 17), (40, 17, 33)])
-@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("form", ["decode", "prefill"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_references_match_dense_lora(pattern, decode, d_outs):
-    case = make_lora_case(pattern, 24, 37, d_outs, decode, torch.float32, seed=1)
-    xa = lora_shrink_ref(case.x, case.pool, case.a_rows, case.ranks, case.seg_starts, case.seg_slots,
-                         case.max_seg_len)
-    assert xa.dtype == torch.float32 and not xa.isnan().any()
-    assert_close(xa.cpu().double(), dense_shrink(case), atol=1e-5, rtol=1e-5)
+def test_references_match_dense_lora(pattern, form, split_k, d_outs):
+    case = make_lora_case(pattern, 24, 137, d_outs, form, torch.float32, seed=1)
+    xa = shrink(lora_shrink_ref, case, split_k)
+    assert_close(written(case, xa).sum(0).cpu().double(), dense_shrink(case), atol=1e-5, rtol=1e-5, equal_nan=True)
 
     y0 = torch.randn(24, case.slice_offsets[-1], device=DEVICE)
     y = y0.clone()
-    lora_expand_ref(y, xa, case.pool, case.b_rows, case.ranks, case.scales, case.seg_starts, case.seg_slots,
-                    case.max_seg_len, case.slice_offsets)
+    expand(lora_expand_ref, case, y, xa)
     assert_close((y - y0).cpu().double(), dense_lora_delta(case), atol=1e-5, rtol=1e-5)
     if pattern == "none":
         assert torch.equal(y, y0)
