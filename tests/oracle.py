@@ -40,3 +40,16 @@ def mixed_requests(adapter_ids: list[str], n: int, max_new_tokens: int, seed: in
                                                    generator=g).tolist(),
                     sampling=SamplingParams(max_new_tokens=max_new_tokens))
             for i in range(n)]
+
+
+# One adapter resident, one sequence at a time: with requests in mixed_requests' round-robin order, every
+# adapter row after another adapter's reloads its adapter (the scheduler finds no same-adapter work ahead).
+RELOAD_EVERY_SWITCH = dict(max_active_adapters=1, max_resident_adapters=1, max_num_seqs=1)
+
+
+def generated_tokens(engine, requests: list[Request]) -> dict[str, list[int]]:
+    """Output tokens by request_id; closes the engine (its stats stay readable)."""
+    try:
+        return {o.request_id: o.output_token_ids for o in engine.generate(requests)}
+    finally:
+        engine.close()

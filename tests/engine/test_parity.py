@@ -9,7 +9,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Request, SamplingParams
 from engine.sequence import Sequence
-from tests.oracle import load_oracle, oracle_generate
+from tests.oracle import RELOAD_EVERY_SWITCH, generated_tokens, load_oracle, oracle_generate
 from tests.oracle import mixed_requests as make_requests
 
 NEW_TOKENS = 10
@@ -120,3 +120,11 @@ def test_idle_adapters_are_evicted_before_any_request_is_preempted(llama_fleet):
     (output,) = list(engine.generate([request]))
     assert output.output_tokens == 100 and output.error is None
     assert "r64-mlp-o" not in engine.runner.adapters.resident and engine.scheduler.preemptions == 0
+
+
+def test_adapters_reloaded_at_every_switch_change_no_output(llama_fleet):
+    requests = make_requests(llama_fleet.adapter_ids, 30, 4, seed=6)
+    roomy = generated_tokens(make_engine(llama_fleet), requests)
+    tight_engine = make_engine(llama_fleet, **RELOAD_EVERY_SWITCH)
+    assert generated_tokens(tight_engine, requests) == roomy
+    assert tight_engine.stats.adapter_loads >= 20      # 25 adapter rows, 5 adapters: reloaded, not loaded once
