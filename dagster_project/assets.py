@@ -29,7 +29,7 @@ WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match
 def requests(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
     """The night's request table, validated: rows, adapters, and the bad rows that will become error rows."""
     url = requests_url(lorafleet.root, context.partition_key)
-    table = read_request_table(url, lorafleet.storage_options)
+    table = read_request_table(url, lorafleet.storage_options, lorafleet.base_model_name)
     parsed = parse_requests(table, lorafleet.default_max_new_tokens)
     return MaterializeResult(metadata={
         "url": MetadataValue.path(url),

@@ -41,7 +41,8 @@ def result_id_problems(request_ids: list[str | None], result_ids: list[str | Non
 
 
 def one_result_per_request(lorafleet: LorafleetResource, date: str) -> AssetCheckResult:
-    requested = read_request_table(requests_url(lorafleet.root, date), lorafleet.storage_options)
+    requested = read_request_table(requests_url(lorafleet.root, date), lorafleet.storage_options,
+                                   lorafleet.base_model_name)
     results = read_result_columns(results_url(lorafleet.root, date), ["request_id"], lorafleet.storage_options)
     request_ids = requested.column("request_id").to_pylist()
     problems = result_id_problems(request_ids, results["request_id"].to_list())

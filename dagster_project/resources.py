@@ -53,14 +53,14 @@ class LorafleetResource(ConfigurableResource):
                                            "adapters": self.adapters_url, "device": device})
 
     def request_days(self) -> dict[str, list[str]]:
-        """The request Parquet files under <root>/requests, by day (the date=YYYY-MM-DD folder)."""
+        """The request files (Parquet, OpenAI batch .jsonl) under <root>/requests, by day (date=YYYY-MM-DD)."""
         fs, folder = filesystem(join(self.root, "requests"), self.storage_options)
         if not fs.isdir(folder):
             return {}
         days: dict[str, list[str]] = {}
         for path in visible_files(fs, folder):
             day = path[len(folder):].lstrip("/").split("/")[0]
-            if day.startswith("date=") and path.endswith(".parquet"):
+            if day.startswith("date=") and path.endswith((".parquet", ".jsonl")):
                 days.setdefault(day.removeprefix("date="), []).append(path)
         return days
 

@@ -2,13 +2,16 @@
 
 (transformers picks a tokenizer class from the model type, which mis-reads word-level vocabularies.)
 """
+import json
+
 import fsspec
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine.loader import read_json
 
 
-def _token_content(token) -> str | None:
+def token_content(token) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string, or an AddedToken's {"content": ...}."""
     return token.get("content") if isinstance(token, dict) else token
 
 
@@ -24,13 +27,14 @@ class Tokenizer:
         for source in (config, gen_config):
             ids = source.get("eos_token_id")
             self.eos_token_ids.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        eos = _token_content(tok_config.get("eos_token"))
+        eos = token_content(tok_config.get("eos_token"))
         if eos is not None and self._tok.token_to_id(eos) is not None:
             self.eos_token_ids.add(self._tok.token_to_id(eos))
         # Prepend BOS when the config asks and tokenizer.json's post-processor does not already do it.
-        bos = _token_content(tok_config.get("bos_token"))
+        bos = token_content(tok_config.get("bos_token"))
         self.bos_token_id = self._tok.token_to_id(bos) if bos else None
         self.add_bos = bool(tok_config.get("add_bos_token")) and self.bos_token_id is not None
+        self._spelling: HFTokenizer | None = None    # encode_as_text's copy, made when first needed
 
     @property
     def vocab_size(self) -> int:
@@ -42,5 +46,29 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    @property
+    def added_tokens(self) -> dict[str, tuple[int, bool]]:
+        """The tokens added to the vocabulary (control tokens and the like): content -> (id, special?)."""
+        return {t.content: (i, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A prompt rendered from a chat template: its added tokens are tokens, and nothing is added around
+        it (the template writes BOS itself), as transformers tokenizes apply_chat_template's text."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Text whose added tokens are spelled out as ordinary text (a control token typed into a message)."""
+        if self._spelling is None:
+            spec = json.loads(self._tok.to_str())
+            for token in spec.get("added_tokens", []):
+                token["special"] = True     # encode_special_tokens spells out special tokens only
+            self._spelling = HFTokenizer.from_str(json.dumps(spec))
+            self._spelling.encode_special_tokens = True
+        return self._spelling.encode(text, add_special_tokens=False).ids
+
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (for per-token log-probabilities)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)

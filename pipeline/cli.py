@@ -1,4 +1,4 @@
-"""`lorafleet run | plan | report`: the same calls Dagster makes, for people without Dagster.
+"""`lorafleet run | plan | report | export`: the same calls Dagster makes, for people without Dagster.
 
 Exit codes of `run`: 0 every row succeeded, 1 some rows failed (they are error rows), 2 the run could
 not start (usage, unreadable table, wrong schema, output locked, model unreadable).
@@ -9,6 +9,7 @@ import logging
 import sys
 
 from engine.config import EngineConfig
+from pipeline.batch_export import ExportError, export_openai_batch
 from pipeline.plan import AdapterShard
 from pipeline.report import report
 from pipeline.results import OutputUnavailable
@@ -38,7 +39,8 @@ def _adapter_shard(text: str) -> AdapterShard:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint directory (any fsspec URL)")
     p.add_argument("--adapters", help="adapter root: <root>/<adapter_id>/adapter_model.safetensors")
-    p.add_argument("--requests", required=True, help="request Parquet file or directory (any fsspec URL)")
+    p.add_argument("--requests", required=True, help="request Parquet file, OpenAI batch .jsonl file, or a directory "
+                   "of them (any fsspec URL)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--adapter-shard", type=_adapter_shard, default=AdapterShard(), metavar="I/N",
                    help="run part I (0-based) of N parts with disjoint adapters, e.g. one per GPU: "
@@ -51,13 +53,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
     p.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
     p.add_argument("--base-model-name", help="the base's name (e.g. meta-llama/Llama-2-7b-hf): adapters whose "
-                   "base_model_name_or_path names another base fail their rows")
+                   "base_model_name_or_path names another base fail their rows; in a .jsonl batch file, "
+                   "body.model = this name means the base model")
     p.add_argument("--num-pages", type=int, help="page pool size (default: from free memory)")
     p.add_argument("--max-new-tokens", dest="default_max_new_tokens", type=int,
                    help="default for rows without max_new_tokens (default 128)")
+    _storage_args(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option, default=[],
                    metavar="KEY=VALUE", help="fsspec option for every URL, e.g. endpoint_url=http://127.0.0.1:9000")
-    p.add_argument("-v", "--verbose", action="store_true")
 
 
 class UsageError(Exception):
@@ -99,6 +106,12 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    lines = export_openai_batch(args.results, args.output, dict(args.storage_options), args.model)
+    print(f"wrote {lines:,} lines to {args.output}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +131,15 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--date", help="YYYY-MM-DD (default: the latest night)")
     rep.add_argument("--png", help="chart path (default: <root>/metrics/scores.png)")
     rep.set_defaults(func=_cmd_report)
+    exp = sub.add_parser("export", help="write a results directory in another format")
+    exp.add_argument("results", help="results directory (any fsspec URL)")
+    exp.add_argument("--format", required=True, choices=["openai-batch"],
+                     help="openai-batch: the OpenAI Batch API's output file (JSON Lines)")
+    exp.add_argument("--output", required=True, help="the file to write (any fsspec URL)")
+    exp.add_argument("--model", help="checkpoint whose tokenizer spells the tokens of logprobs "
+                                     "(default: the rows' base_model)")
+    _storage_args(exp)
+    exp.set_defaults(func=_cmd_export)
     return p
 
 
@@ -127,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (TableError, OutputUnavailable, RunNotStarted, UsageError) as e:
+    except (TableError, OutputUnavailable, RunNotStarted, UsageError, ExportError) as e:
         # Raised before any row ran: the run could not start. One line, no traceback.
         print(f"lorafleet: error: {e}", file=sys.stderr)
         return 2

@@ -10,23 +10,26 @@ import pyarrow.parquet as pq
 
 from engine.adapters import ADAPTER_ID
 from engine.request import Request, RequestOutput, SamplingParams
+from pipeline.batch_files import read_batch_file
+from pipeline.chat import message_problems
 from pipeline.schema import REQUEST_COLUMNS, RESULT_COLUMNS, TableError
 from pipeline.storage import filesystem, visible_files
 
 
-def read_request_table(url: str, storage_options: dict | None = None) -> pa.Table:
-    """One .parquet file, or every *.parquet below a folder (skipping '_'/'.' names), as one table
-    with the request columns cast to one type each and extra columns kept as they are."""
+def read_request_table(url: str, storage_options: dict | None = None, base_model_name: str | None = None) -> pa.Table:
+    """One .parquet or .jsonl (OpenAI batch) file, or every *.parquet and *.jsonl below a folder (skipping
+    '_'/'.' names), as one table with the request columns cast to one type each and extra columns kept as
+    they are. base_model_name: the model name in a batch file that means the base model."""
     fs, root = filesystem(url, storage_options)
     if fs.isdir(root):
-        paths = [p for p in visible_files(fs, root) if p.endswith(".parquet")]
+        paths = [p for p in visible_files(fs, root) if p.endswith((".parquet", ".jsonl"))]
         if not paths:
-            raise TableError(f"{url}: no *.parquet files in this folder")
+            raise TableError(f"{url}: no *.parquet or *.jsonl files in this folder")
     elif fs.isfile(root):
         paths = [root]
     else:
         raise TableError(f"{url}: no such file or folder")
-    tables = [_read_one(fs, path) for path in paths]
+    tables = [_read_one(fs, path, base_model_name) for path in paths]
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
@@ -35,19 +38,23 @@ def read_request_table(url: str, storage_options: dict | None = None) -> pa.Tabl
                         + [c for c in table.column_names if c not in REQUEST_COLUMNS])
 
 
-def _read_one(fs, path: str) -> pa.Table:
+def _read_one(fs, path: str, base_model_name: str | None) -> pa.Table:
     name = fs.unstrip_protocol(path)
-    try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-    except Exception as e:  # noqa: BLE001 - any failure to read is "not a request table"
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TableError(f"{name}: not a readable Parquet file ({detail})") from None
+    if path.endswith(".jsonl"):
+        table = read_batch_file(fs, path, base_model_name)
+    else:
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except Exception as e:  # noqa: BLE001 - any failure to read is "not a request table"
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TableError(f"{name}: not a readable Parquet file ({detail})") from None
     columns = table.column_names
     if "request_id" not in columns:
         raise TableError(f"{name}: missing column 'request_id' (a unique string per row)")
-    if "prompt" not in columns and "prompt_token_ids" not in columns:
-        raise TableError(f"{name}: missing column 'prompt' (or 'prompt_token_ids'); one of them is required")
+    if not {"prompt", "prompt_token_ids", "messages"} & set(columns):
+        raise TableError(f"{name}: missing column 'prompt' (or 'prompt_token_ids', or 'messages'); one of them "
+                         "is required")
     for column in columns:
         if column in RESULT_COLUMNS and column not in REQUEST_COLUMNS:
             raise TableError(f"{name}: column '{column}' is a result column; rename it so it can pass through")
@@ -99,6 +106,7 @@ class ParsedRequests:
     duplicates: list[str] = field(default_factory=list)            # request_ids seen again (no row)
     extra_columns: dict[str, dict] = field(default_factory=dict)   # request_id -> {column: value}
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # their Arrow types
+    messages: dict[str, list[dict]] = field(default_factory=dict)  # request_id -> its chat (pipeline/chat.py)
 
 
 def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedRequests:
@@ -123,6 +131,8 @@ def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedReques
                                                  "; ".join(problems)))
         else:
             parsed.requests.append(_request(row, default_max_new_tokens))
+            if row.get("messages") is not None:
+                parsed.messages[request_id] = row["messages"]
     return parsed
 
 
@@ -142,6 +152,8 @@ def _is_number(v) -> bool:
 
 def _row_problems(row: dict, number: int) -> list[str]:
     """Everything wrong with one row, each with what to do about it."""
+    if row.get("input_error") is not None:
+        return [row["input_error"]]
     problems = []
     request_id = row.get("request_id")
     if not isinstance(request_id, str) or not request_id:
@@ -150,8 +162,12 @@ def _row_problems(row: dict, number: int) -> list[str]:
     if adapter_id is not None and not (isinstance(adapter_id, str) and ADAPTER_ID.fullmatch(adapter_id)):
         problems.append(f"adapter_id {adapter_id!r} is not a plain adapter name: it must be 1-128 letters, "
                         "digits, '.', '_' or '-', starting with a letter or digit (null = base model)")
-    token_ids, prompt = row.get("prompt_token_ids"), row.get("prompt")
-    if token_ids is not None:
+    token_ids, prompt, messages = row.get("prompt_token_ids"), row.get("prompt"), row.get("messages")
+    if messages is not None:
+        if token_ids is not None or prompt is not None:
+            problems.append("the row has messages and a prompt: give one of prompt, prompt_token_ids or messages")
+        problems += message_problems(messages)
+    elif token_ids is not None:
         if not token_ids:
             problems.append("prompt_token_ids is empty: give at least one token id, or null to use prompt")
         elif not all(_is_int(t) and t >= 0 for t in token_ids):

@@ -21,6 +21,7 @@ from engine.model import ModelArgs
 from engine.model_runner import pool_geometry
 from engine.request import Request, RequestOutput
 from engine.tokenizer import Tokenizer
+from pipeline.chat import ChatError, ChatPrompts
 from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
 from pipeline.requests import ParsedRequests, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
@@ -130,16 +131,27 @@ def _shard_requests(requests: list[Request], prompt_lens: dict[str, int], shard:
     return [by_id[it.request_id] for it in shard.select(_plan_items(requests, prompt_lens))]
 
 
-def _tokenize(tokenizer: Tokenizer, requests: list[Request]) -> dict[str, int]:
-    """Tokenize once, here: the plan needs prompt lengths and the engine then uses the ids as given."""
-    for r in requests:
-        if r.prompt_token_ids is None:
-            r.prompt_token_ids = tokenizer.encode(r.prompt)
-    return {r.request_id: len(r.prompt_token_ids) for r in requests}
+def _tokenize(config: EngineConfig, tokenizer: Tokenizer, parsed: ParsedRequests) -> dict[str, int]:
+    """Tokenize once, here: the plan needs prompt lengths and the engine then uses the ids as given. A chat
+    row is rendered with its chat template first; one that cannot be moves to parsed.rejected."""
+    chats = ChatPrompts(tokenizer, config.model, config.adapters, config.storage_options) if parsed.messages else None
+    ready = []
+    for r in parsed.requests:
+        try:
+            if r.request_id in parsed.messages:
+                r.prompt_token_ids = chats.token_ids(parsed.messages[r.request_id], r.adapter_id)
+            elif r.prompt_token_ids is None:
+                r.prompt_token_ids = tokenizer.encode(r.prompt)
+            ready.append(r)
+        except ChatError as e:
+            parsed.rejected.append(RequestOutput.failed(r, str(e)))
+    parsed.requests = ready
+    return {r.request_id: len(r.prompt_token_ids) for r in ready}
 
 
 def _read(config: EngineConfig, requests_url: str) -> ParsedRequests:
-    return parse_requests(read_request_table(requests_url, config.storage_options), config.default_max_new_tokens)
+    table = read_request_table(requests_url, config.storage_options, config.base_model_name)
+    return parse_requests(table, config.default_max_new_tokens)
 
 
 def plan_run(config: EngineConfig, requests_url: str,
@@ -147,7 +159,7 @@ def plan_run(config: EngineConfig, requests_url: str,
     """The plan a run of each adapter shard would follow, without loading the model weights (the table is
     read and tokenized once for all of them)."""
     parsed = _read(config, requests_url)
-    prompt_lens = _tokenize(Tokenizer(config.model, config.storage_options), parsed.requests)
+    prompt_lens = _tokenize(config, Tokenizer(config.model, config.storage_options), parsed)
     args = load_model_args(config.model, config.storage_options)
     geometry = pool_geometry(config, args)
     return [build_plan(config, args, geometry, _shard_requests(parsed.requests, prompt_lens, shard), prompt_lens)
@@ -188,7 +200,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
         store = ResultStore(output_url, so)
         engine = load_engine(config)
         try:
-            prompt_lens = _tokenize(engine.tokenizer, parsed.requests)
+            prompt_lens = _tokenize(config, engine.tokenizer, parsed)
             mine = _shard_requests(parsed.requests, prompt_lens, adapter_shard)
             invalid = parsed.rejected if adapter_shard.index == 0 else []
             done = store.committed_ids()

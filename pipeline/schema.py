@@ -23,6 +23,17 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    """list<struct<role: string, content: string>>, fields in any order, no others."""
+    def is_message(m):
+        return pa.types.is_struct(m) and sorted(f.name for f in m) == ["content", "role"] and all(
+            _is_string(f.type) or pa.types.is_null(f.type) for f in m)
+    return _is_list_of(t, is_message)
+
+
 # column -> (accepts a type?, the type it is cast to, what to write instead)
 REQUEST_COLUMNS = {
     "request_id": (_is_string, pa.string(), "string"),
@@ -36,6 +47,10 @@ REQUEST_COLUMNS = {
     "seed": (pa.types.is_integer, pa.int64(), "integer"),
     # a plain string is taken as a one-element stop list, as vLLM's `stop` accepts both
     "stop": (lambda t: _is_list_of(t, _is_string) or _is_string(t), pa.list_(pa.string()), "list of strings"),
+    # a chat instead of a prompt, rendered with the chat template (pipeline/chat.py)
+    "messages": (_is_messages, MESSAGES, "list of {role: string, content: string}"),
+    # why a line of a batch file cannot be a request (pipeline/batch_files.py); the row fails with it
+    "input_error": (_is_string, pa.string(), "string"),
 }
 
 RESULT_SCHEMA = pa.schema([

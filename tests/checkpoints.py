@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 WORDS = [f"w{i}" for i in range(120)]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -20,9 +20,64 @@ def build_tokenizer(path: Path, words: list[str] = WORDS) -> None:
                                                             "pad_token": "<pad>", "add_bos_token": True}))
 
 
+# Chat templates as the real checkpoints write them: Meta-Llama-3-Instruct's, and a ChatML one in the
+# multi-line style of Qwen2.5's (whitespace control, loop controls, a default system prompt).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- else %}
+    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{% for message in messages %}
+    {% if loop.first and message.role == 'system' %}
+        {% continue %}
+    {% endif %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+CHAT_STYLES = {   # style -> (special tokens, bos, eos, template)
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", LLAMA3_TEMPLATE),
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML_TEMPLATE),
+}
+CHAT_VOCAB = 400
+CHAT_CORPUS = ["You are a helpful assistant. Answer in one word.", "Hello there, how are you today?",
+               "system user assistant tool", "The quick brown fox jumps over the lazy dog.",
+               "Ünïcödé — 日本語のテキスト 🚀 ok", "line one\nline two\n\tindented"]
+
+
+def build_chat_tokenizer(path, style: str) -> Path:
+    """A byte-level BPE tokenizer.json holding the style's control tokens (ids 0..), and a tokenizer_config.json
+    with the style's real chat template; transformers reads it as written (PreTrainedTokenizerFast)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    special, bos, eos, template = CHAT_STYLES[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CHAT_CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=CHAT_VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": special[0],
+              "chat_template": template}
+    if bos:
+        config["bos_token"] = bos
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
 def build_checkpoint(path, arch: str = "llama", *, hidden: int = 64, layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 128, seed: int = 0, tie: bool = False,
-                     rope_scaling: dict | None = None, init_std: float = 0.15, max_positions: int = 512) -> Path:
+                     rope_scaling: dict | None = None, init_std: float = 0.15, max_positions: int = 512,
+                     vocab_size: int = len(SPECIAL) + len(WORDS)) -> Path:
     """A random Llama / Qwen2 / Mistral checkpoint directory readable by transformers and lorafleet."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
         Qwen2ForCausalLM
@@ -30,7 +85,7 @@ def build_checkpoint(path, arch: str = "llama", *, hidden: int = 64, layers: int
     path.mkdir(parents=True, exist_ok=True)
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "mistral": (MistralConfig, MistralForCausalLM)}[arch]
-    kwargs = dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=hidden, intermediate_size=intermediate,
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=max_positions, tie_word_embeddings=tie, initializer_range=init_std,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)

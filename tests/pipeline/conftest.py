@@ -60,3 +60,26 @@ def lorafleet():
         return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return start
+
+
+ADAPTER_TEMPLATE = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('this adapter takes no tool "
+                    "messages') }}{% endif %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>"
+                    "{% endfor %}<|start_header_id|>assistant<|end_header_id|>")
+
+
+@pytest.fixture(scope="session")
+def chat_fleet(tmp_path_factory):
+    """Tiny Llama checkpoints whose tokenizers carry a real chat template (Llama-3 style and ChatML), and, on
+    the Llama-3 one, an adapter that ships its own template ("own-template") and one that does not ("plain")."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # tests/checkpoints.py
+    from checkpoints import CHAT_VOCAB, build_chat_tokenizer, build_checkpoint, write_peft_adapter
+    root = tmp_path_factory.mktemp("chat-fleet")
+    models = {}
+    for style in ("llama3", "chatml"):
+        models[style] = build_checkpoint(root / style, "llama", vocab_size=CHAT_VOCAB, layers=1)
+        build_chat_tokenizer(models[style], style)
+    for adapter_id in ("own-template", "plain"):
+        write_peft_adapter(root / "adapters" / adapter_id, hidden=64, intermediate=128, layers=1, kv_dim=32, rank=2,
+                           targets=["q_proj", "v_proj"], alpha=4, seed=3)
+    (root / "adapters" / "own-template" / "chat_template.jinja").write_text(ADAPTER_TEMPLATE)
+    return {**models, "adapters": root / "adapters"}
