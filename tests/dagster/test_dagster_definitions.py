@@ -82,17 +82,18 @@ def test_instance_config_limits_the_gpu_pool_to_one(tmp_path):
         assert instance.global_op_concurrency_default_limit == 1
 
 
-def test_request_days_lists_days_with_parquet_files(tmp_path):
+def test_request_days_lists_days_with_parquet_and_batch_files(tmp_path):
     fleet = LorafleetResource(root=str(tmp_path))
     assert fleet.request_days() == {}
     write_requests(tmp_path, DATES[1], [ROW])
     write_requests(tmp_path, DATES[0], [ROW], name="b.parquet")
     write_requests(tmp_path, DATES[0], [ROW], name="a.parquet")
+    (tmp_path / "requests" / f"date={DATES[0]}" / "c.jsonl").write_text("{}\n")   # OpenAI batch files count
     write_requests(tmp_path, DATES[0], [ROW], name="_partial.parquet")   # '_' names are not data
     (tmp_path / "requests" / "date=2026-01-03").mkdir()                   # an empty day
     days = fleet.request_days()
     assert list(days) == DATES
-    assert [Path(p).name for p in days[DATES[0]]] == ["a.parquet", "b.parquet"]
+    assert [Path(p).name for p in days[DATES[0]]] == ["a.parquet", "b.parquet", "c.jsonl"]
 
 
 def test_schedule_runs_the_previous_day_and_skips_a_day_without_requests(tmp_path):

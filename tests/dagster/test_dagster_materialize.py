@@ -1,6 +1,8 @@
 """Two nights materialized in process: the four assets, their metadata, their checks, and a removed row."""
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -11,7 +13,7 @@ from dagster_project.assets import adapter_metrics, generations, inference_plan,
 from dagster_project.checks import error_rate_under_bound, every_request_has_one_result, no_regressions
 from dagster_project.ui import INSTANCE_CONFIG
 from fleet_tables import ADAPTER_IDS, DATES
-from pipeline.layout import results_url
+from pipeline.layout import requests_url, results_url
 from pipeline.results import ResultStore
 
 ASSETS = [requests, inference_plan, generations, adapter_metrics]
@@ -104,3 +106,21 @@ def test_generations_waits_while_another_engine_holds_the_gpu_pool(lorafleet):
         assert not any('Started execution of step "generations.generate_shard_0"' in m for m in messages())
         slots.free_concurrency_slots_for_run("engine-of-another-run")
         assert future.result(timeout=120).success
+
+
+def test_a_night_with_a_batch_file_beside_its_parquet_runs_both(lorafleet):
+    date = DATES[0]
+    lines = [{"custom_id": "j1", "method": "POST", "url": "/v1/completions",
+              "body": {"model": ADAPTER_IDS[0], "prompt": "w1 w2", "max_tokens": 2}},
+             {"custom_id": "j2", "method": "POST", "url": "/v1/completions", "body": {"prompt": "w3", "n": 4}}]
+    (Path(requests_url(lorafleet.root, date)) / "batch.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    with dg.instance_for_test() as instance:
+        selection = dg.AssetSelection.assets(requests, inference_plan, generations)
+        result = dg.materialize([*ASSETS, *CHECKS], partition_key=date, resources={"lorafleet": lorafleet},
+                                instance=instance, selection=selection)
+    assert result.success and checks_passed(result)["every_request_has_one_result"]
+    assert (metadata(result, requests)["rows"], metadata(result, requests)["bad_rows"]) == (11, 2)
+    run = metadata(result, generations)
+    assert (run["rows"], run["rows_ok"], run["rows_failed"]) == (10, 7, 3)
+    rows = ResultStore(results_url(lorafleet.root, date)).read_columns(["request_id", "error"]).to_pylist()
+    assert "body.n = 4 is not supported" in next(r["error"] for r in rows if r["request_id"] == "j2")
