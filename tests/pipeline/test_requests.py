@@ -71,7 +71,7 @@ def test_not_parquet(tmp_path):
 def test_missing_path_and_empty_folder(tmp_path):
     assert "no such file" in table_error(str(tmp_path / "nope.parquet"))
     (tmp_path / "empty").mkdir()
-    assert "no *.parquet files" in table_error(str(tmp_path / "empty"))
+    assert "no *.parquet or *.jsonl files" in table_error(str(tmp_path / "empty"))
 
 
 def test_missing_request_id(tmp_path):
