@@ -49,21 +49,28 @@ def message_problems(messages) -> list[str]:
 
 def read_chat_templates(dir_url: str, storage_options: dict | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """({name: template}, the special-token variables bos_token, eos_token, ...) of a checkpoint or adapter
-    directory; no templates when it has none."""
-    fs, root = filesystem(dir_url, storage_options)
-    config = read_json(join(dir_url, "tokenizer_config.json"), storage_options, missing_ok=True) or {}
-    templates = {}
-    if fs.isfile(join(root, TEMPLATE_FILE)):
-        templates["default"] = fs.cat_file(join(root, TEMPLATE_FILE)).decode("utf-8")
-    for path in sorted(fs.glob(join(root, NAMED_TEMPLATES, "*.jinja"))):
-        templates[path.rsplit("/", 1)[-1].removesuffix(".jinja")] = fs.cat_file(path).decode("utf-8")
+    directory; no templates when it has none. Raises ChatError when its files cannot be read."""
+    try:
+        fs, root = filesystem(dir_url, storage_options)
+        config = read_json(join(dir_url, "tokenizer_config.json"), storage_options, missing_ok=True) or {}
+        templates = {}
+        if fs.isfile(join(root, TEMPLATE_FILE)):
+            templates["default"] = fs.cat_file(join(root, TEMPLATE_FILE)).decode("utf-8")
+        for path in sorted(fs.glob(join(root, NAMED_TEMPLATES, "*.jinja"))):
+            templates[path.rsplit("/", 1)[-1].removesuffix(".jinja")] = fs.cat_file(path).decode("utf-8")
+    except (OSError, ValueError) as e:      # unreadable files, bad JSON, bad UTF-8
+        raise ChatError(f"cannot read the chat template in {dir_url} ({type(e).__name__}: {e}): "
+                        "fix its files") from None
+    if not isinstance(config, dict):
+        raise ChatError(f"{dir_url}/tokenizer_config.json is not a JSON object: fix it")
     in_config = config.get("chat_template")
     if not templates and isinstance(in_config, str):
         templates["default"] = in_config
-    elif not templates and isinstance(in_config, list):
-        templates = {t["name"]: t["template"] for t in in_config if isinstance(t, dict) and "name" in t}
+    elif not templates and isinstance(in_config, list):        # [{"name": ..., "template": ...}, ...]
+        templates = {t["name"]: t["template"] for t in in_config
+                     if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
     variables = {name: token_content(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
-    return templates, {name: value for name, value in variables.items() if value is not None}
+    return templates, {name: value for name, value in variables.items() if isinstance(value, str)}
 
 
 class ChatTemplate:
@@ -151,11 +158,15 @@ class ChatPrompts:
                  storage_options: dict | None = None, limits: RenderLimits = RenderLimits()):
         self.tokenizer, self.adapters_url, self.storage_options, self.limits = \
             tokenizer, adapters_url, storage_options, limits
-        templates, self.base_variables = read_chat_templates(model_url, storage_options)
         where = f"the base checkpoint {model_url}"
-        self.base = self._template(templates, where, self.base_variables) if templates else ChatError(
-            f"{where} has no chat template (no chat_template in its tokenizer_config.json, no {TEMPLATE_FILE}): "
-            "add one, or give these rows a prompt instead of messages")
+        self.base_variables: dict[str, str] = {}
+        try:
+            templates, self.base_variables = read_chat_templates(model_url, storage_options)
+            self.base = self._template(templates, where, self.base_variables) if templates else ChatError(
+                f"{where} has no chat template (no chat_template in its tokenizer_config.json, no {TEMPLATE_FILE}): "
+                "add one, or give these rows a prompt instead of messages")
+        except ChatError as e:
+            self.base = e
         self.by_adapter: dict[str, ChatTemplate | ChatError | None] = {}    # None: the adapter has none of its own
 
     def token_ids(self, messages: list[dict], adapter_id: str | None) -> list[int]:
@@ -170,16 +181,14 @@ class ChatPrompts:
                 self.by_adapter[adapter_id] = self._adapter_template(adapter_id)
             template = self.by_adapter[adapter_id] or self.base
         if isinstance(template, ChatError):
-            raise template
+            raise ChatError(str(template))      # a new one each row: raising one again would grow its traceback
         return template
 
     def _adapter_template(self, adapter_id: str) -> ChatTemplate | ChatError | None:
-        url = join(self.adapters_url, adapter_id)
         try:
-            templates, variables = read_chat_templates(url, self.storage_options)
-        except (OSError, ValueError) as e:     # an unreadable file, a malformed tokenizer_config.json
-            return ChatError(f"cannot read the chat template of adapter {adapter_id} ({type(e).__name__}: {e}): "
-                             f"fix the files in {url}")
+            templates, variables = read_chat_templates(join(self.adapters_url, adapter_id), self.storage_options)
+        except ChatError as e:
+            return e
         where = f"adapter {adapter_id}"
         return self._template(templates, where, {**self.base_variables, **variables}) if templates else None
 

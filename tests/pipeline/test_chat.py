@@ -113,6 +113,16 @@ def test_an_adapter_with_its_own_template_uses_it(chat_fleet):
         prompts.token_ids([{"role": "tool", "content": "42"}], "own-template")
 
 
+def test_an_adapter_with_unreadable_template_files_fails_its_rows_only(chat_fleet, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("{not json")
+    model = chat_fleet["llama3"]
+    prompts = ChatPrompts(Tokenizer(str(model)), str(model), str(tmp_path))
+    with pytest.raises(ChatError, match=r"cannot read the chat template in .*broken \(JSONDecodeError"):
+        prompts.token_ids(CONVERSATIONS[0], "broken")
+    assert prompts.token_ids(CONVERSATIONS[0], None)
+
+
 @pytest.mark.parametrize("messages, problem", [
     ([], "messages is empty"),
     ([{"role": "user", "content": None}], r"messages\[0\].content is not a string"),
