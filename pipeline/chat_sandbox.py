@@ -18,9 +18,11 @@ from datetime import datetime
 from functools import wraps
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import Environment, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
@@ -57,7 +59,7 @@ class _Budget:
 
     def fits(self, size: int, what: str) -> None:
         if size > self.limits.max_chars:
-            raise TemplateBoundExceeded(f"built {what} of length {size:,} (the bound is {self.limits.max_chars:,})")
+            raise TemplateBoundExceeded(f"{what} {size:,} (the bound is {self.limits.max_chars:,})")
 
 
 _BUDGET: ContextVar[_Budget | None] = ContextVar("lorafleet_chat_budget", default=None)
@@ -65,7 +67,7 @@ _BUDGET: ContextVar[_Budget | None] = ContextVar("lorafleet_chat_budget", defaul
 
 def _tick() -> _Budget | None:
     budget = _BUDGET.get()
-    if budget is not None:   # None while compiling (constant folding runs filters)
+    if budget is not None:   # None outside compile_template and render
         budget.tick()
     return budget
 
@@ -74,7 +76,7 @@ def _checked(value):
     """value, once it is known not to be too big."""
     budget = _tick()
     if budget is not None and isinstance(value, (str, list, tuple, dict)):
-        budget.fits(len(value), f"a {type(value).__name__}")
+        budget.fits(len(value), f"built a {type(value).__name__} of length")
     return value
 
 
@@ -88,19 +90,19 @@ def _check_ints(values) -> None:
     """Widths, counts and repeats above the size bound cannot build anything that fits it."""
     for v in values:
         if isinstance(v, int) and not isinstance(v, bool):
-            _check_size(abs(v), "a width or count")
+            _check_size(abs(v), "was given a width or count of")
 
 
 def _check_format_string(text: str) -> None:
     for digits in re.findall(r"\d+", text):
-        _check_size(int(digits) if len(digits) < 20 else 1 << 64, "a format width")
+        _check_size(int(digits) if len(digits) < 20 else 1 << 64, "was given a format width of")
 
 
 def _check_binop(operator: str, left, right) -> None:
     if operator == "*":
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
-                _check_size(len(seq) * max(times, 0), f"a repeated {type(seq).__name__}")
+                _check_size(len(seq) * max(times, 0), f"built a repeated {type(seq).__name__} of length")
         if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise TemplateBoundExceeded("multiplied numbers too large")
     elif operator == "**" and isinstance(left, int) and isinstance(right, int):
@@ -108,7 +110,8 @@ def _check_binop(operator: str, left, right) -> None:
             raise TemplateBoundExceeded("raised a number to too large a power")
     elif operator == "%" and isinstance(left, str):
         _check_format_string(left)
-        _check_ints(right if isinstance(right, tuple) else (right,))
+        if "*" in left:         # '%*s': a width taken from the values
+            _check_ints(right if isinstance(right, tuple) else (right,))
 
 
 class _LoopGuard:
@@ -159,7 +162,7 @@ def _finalize(value) -> str:
     budget = _BUDGET.get()
     if budget is not None:
         budget.printed += len(text)
-        budget.fits(budget.printed, "printed text")
+        budget.fits(budget.printed, "printed text of length")
     return text
 
 
@@ -195,7 +198,7 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
 def _check_replace(text: str, old, new) -> None:
     if isinstance(old, str) and isinstance(new, str):
         _check_size(len(text) + text.count(old) * (len(new) - len(old)) + (len(new) if not old else 0),
-                    "a replaced string")
+                    "built a replaced string of length")
 
 
 def _replace(s, old, new, count=None) -> str:
@@ -231,7 +234,8 @@ def _template_dict(*args, **kwargs) -> dict:
 def _guarded_filter(f):
     @wraps(f)       # keeps Jinja's pass_context / pass_eval_context marks
     def guarded(*args, **kwargs):
-        _check_ints(args)
+        value_at = next((i for i, a in enumerate(args) if not isinstance(a, (Context, EvalContext, Environment))), 0)
+        _check_ints(args[value_at + 1:])     # the arguments, not the value filtered
         _check_ints(kwargs.values())
         return _checked(f(*args, **kwargs))
     return guarded
@@ -274,7 +278,7 @@ def render(template: jinja2.Template, limits: RenderLimits, **variables) -> str:
         out, size = [], 0
         for chunk in chunks:
             size += len(chunk)
-            budget.fits(size, "a prompt")
+            budget.fits(size, "built a prompt of length")
             budget.tick()
             out.append(chunk)
         return "".join(out)

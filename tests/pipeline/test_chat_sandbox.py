@@ -105,7 +105,7 @@ def test_a_template_that_loops_for_ever_is_stopped(llama3, source):
     "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
 ])
 def test_a_template_that_emits_gigabytes_is_stopped(llama3, source):
-    with pytest.raises(ChatError, match=r"built .* of length .*\(the bound is 8,388,608\)|too large"):
+    with pytest.raises(ChatError, match=r"(built|was given|printed) .* \(the bound is 8,388,608\)|too large"):
         template(llama3, source).prompt(HELLO)
 
 
