@@ -1,6 +1,7 @@
 """Decode steps replayed from CUDA graphs, one per batch-size bucket (as nano-vllm does).
 
-Inputs live in static buffers sized for the largest bucket. The LoRA tile table is a graph input sized for
+Inputs live in static buffers sized for the largest bucket, all views of one device buffer that a step
+fills through its pinned host twin in one copy (engine.staging). The LoRA tile table is a graph input sized for
 the worst case (engine.lora.max_decode_tiles): the live tiles come first, the rest have slot -1 and their
 programs exit at once, so a batch of new adapters needs no new capture and each adapter's rows are read
 once per tile of its tokens (the segment form, as in prefill). Rows that pad a batch up to its bucket
@@ -10,9 +11,10 @@ kernels, for batches of base-model rows only.
 import numpy as np
 import torch
 
-from engine.lora import DECODE_TILE, LoraBatch, LoraWorkspace, lora_tiles, max_decode_tiles
+from engine.lora import DECODE_TILE, LoraBatch, LoraWorkspace, max_decode_tiles
 from engine.model import Batch, Transformer
 from engine.page_pool import PagePool
+from engine.staging import Staging
 
 
 class DecodeGraphs:
@@ -25,12 +27,14 @@ class DecodeGraphs:
         self.scratch = pool.allocate(1)[0]
         self.buckets = sorted(b for b in {1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch} if b <= max_batch)
         n = self.buckets[-1]
-        i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
-        self.input_ids, self.positions = torch.zeros(n, **i64), torch.zeros(n, **i64)
-        self.slot_mapping = torch.full((n,), self.scratch * self.block_size, **i64)
-        self.tiles = torch.full((max_decode_tiles(n, max_active_adapters), 3), -1, **i32)
-        self.block_tables = torch.full((n, max_blocks), self.scratch, **i32)
-        self.context_lens = torch.ones(n, **i32)
+        # every static input is a view of one buffer, filled through its pinned twin and sent in one copy
+        shapes = dict(input_ids=(n,), positions=(n,), slot_mapping=(n,), context_lens=(n,),
+                      tiles=(max_decode_tiles(n, max_active_adapters), 3), block_tables=(n, max_blocks))
+        self.staging = Staging(device, sum(int(np.prod(shape)) for shape in shapes.values()))
+        self.host, self.inputs = self.staging.views(shapes)
+        self.size = self.staging.host.numel()
+        self._pad(0, n, self.inputs)
+        self.inputs["tiles"][:, 0] = -1
         self.hidden = torch.zeros(n, model.args.hidden_size, dtype=pool.pages.dtype, device=device)
         self.workspace = LoraWorkspace(device)
         self.replays = {}   # (batch size, with LoRA) -> replay
@@ -42,6 +46,13 @@ class DecodeGraphs:
         for bs, with_lora in steps:   # largest first, so smaller graphs reuse its memory
             self.replays[bs, with_lora], memory_pool = self._capture(bs, with_lora, memory_pool)
 
+    def _pad(self, n: int, bs: int, inputs) -> None:
+        """Rows n..bs of a bs bucket: one token at the scratch page, no adapter; tiles past the live ones empty."""
+        inputs["input_ids"][n:bs] = inputs["positions"][n:bs] = 0
+        inputs["slot_mapping"][n:bs] = self.scratch * self.block_size
+        inputs["context_lens"][n:bs] = 1
+        inputs["block_tables"][n:bs, 0] = self.scratch
+
     def _capture(self, bs: int, with_lora: bool, memory_pool):
         """Record the step of a bs-row batch; returns its replay and the memory pool the next capture shares."""
         graph = torch.cuda.CUDAGraph()
@@ -52,11 +63,12 @@ class DecodeGraphs:
         return graph.replay, graph.pool()
 
     def _forward(self, bs: int, with_lora: bool) -> torch.Tensor:
-        lora = LoraBatch(self.ops, self.adapters, self.workspace, self.tiles[:self._tiles_of(bs)], DECODE_TILE) \
+        inputs = self.inputs
+        lora = LoraBatch(self.ops, self.adapters, self.workspace, inputs["tiles"][:self._tiles_of(bs)], DECODE_TILE) \
             if with_lora else LoraBatch.none()
-        batch = Batch(False, self.slot_mapping[:bs], self.ops, lora, block_tables=self.block_tables[:bs],
-                      context_lens=self.context_lens[:bs])
-        return self.model(self.input_ids[:bs], self.positions[:bs], batch)
+        batch = Batch(False, inputs["slot_mapping"][:bs], self.ops, lora, block_tables=inputs["block_tables"][:bs],
+                      context_lens=inputs["context_lens"][:bs])
+        return self.model(inputs["input_ids"][:bs], inputs["positions"][:bs], batch)
 
     def _tiles_of(self, bs: int) -> int:
         return max_decode_tiles(bs, self.max_active_adapters)
@@ -64,27 +76,23 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
-    def run(self, input_ids, positions, slots, token_slots, block_tables, context_lens) -> torch.Tensor | None:
-        """Hidden states [n, hidden] of a decode batch of n <= the largest bucket (lists as model_runner builds;
-        block_tables an int32 host tensor [n, width]), or None when its adapters need more tiles than the
-        graph has (more adapters than max_active_adapters: run it eagerly)."""
-        n = len(input_ids)
+    def run(self, arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
+        """Hidden states [n, hidden] of a decode batch of n <= the largest bucket (arrays as
+        RunningBatch.decode_inputs gives them), or None when its adapters need more tiles than the graph
+        has (more adapters than max_active_adapters: run it eagerly)."""
+        n, tiles = len(arrays["input_ids"]), arrays["tiles"]
         bs = next(b for b in self.buckets if b >= n)
-        tiles = lora_tiles(np.asarray(token_slots), DECODE_TILE)
         if tiles.shape[0] > self._tiles_of(bs):
             return None
-        device = self.input_ids.device
-
-        def put(buffer, values, pad, rows=n, size=bs):
-            buffer[:rows] = torch.as_tensor(values, dtype=buffer.dtype).to(device, non_blocking=True)
-            buffer[rows:size] = pad
-
-        put(self.input_ids, input_ids, 0)
-        put(self.positions, positions, 0)
-        put(self.slot_mapping, slots, self.scratch * self.block_size)
-        put(self.context_lens, context_lens, 1)
-        put(self.tiles, tiles, -1, tiles.shape[0], self._tiles_of(bs))
-        self.block_tables[:bs] = self.scratch
-        self.block_tables[:n, :block_tables.shape[1]] = block_tables.to(device, non_blocking=True)
-        self.replays[bs, tiles.shape[0] > 0]()
+        self.staging.wait()
+        host = self.host
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+            host[name][:n] = arrays[name]
+        tables = arrays["block_tables"]
+        host["block_tables"][:n, :tables.shape[1]] = tables
+        host["tiles"][:len(tiles)] = tiles
+        host["tiles"][len(tiles):self._tiles_of(bs), 0] = -1
+        self._pad(n, bs, host)
+        self.staging.send(self.size)
+        self.replays[bs, len(tiles) > 0]()
         return self.hidden[:n]

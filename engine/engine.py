@@ -5,6 +5,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from engine.adapter_memory import pack_adapter
@@ -60,7 +61,8 @@ class Engine:
             lambda weights: pack_adapter(weights, args, pool.page_numel, max_rank,
                                          pin_memory=config.device.startswith("cuda")),
             config.storage_options, config.base_model_name)
-        self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store)
+        self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store,
+                                   self.runner.pool.blocks_needed(self.max_model_len))
         self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
 
     def add_request(self, request: Request) -> RequestOutput | None:
@@ -104,10 +106,9 @@ class Engine:
                                             (" next to its adapter" if seq.adapter_id else "")))
             return outputs
         try:
-            tokens = self.runner.run(seqs, is_prefill)
+            tokens = self.runner.run(seqs, None if is_prefill else sched.running.decode_inputs())
         except torch.OutOfMemoryError:
-            if self.config.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            self.runner.release_cached_memory()
             if len(seqs) > 1:
                 log.warning("out of device memory on a batch of %d; retrying with smaller batches", len(seqs))
                 sched.back_off(seqs, is_prefill)
@@ -121,31 +122,45 @@ class Engine:
             self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in seqs if not s.preemptions)
         else:
             self.stats.decode_steps += 1
-            self.stats.adapters_per_decode_step += len({s.adapter_id for s in seqs if s.adapter_id})
-        for seq, token in zip(seqs, tokens):
-            if self._append(seq, token):
-                outputs.append(self._output(seq))
-                sched.finish(seq)
+            self.stats.adapters_per_decode_step += len(sched.running.adapters)
+        rows = sched.running.rows_of(seqs) if is_prefill else sched.running.order()
+        sched.running.append_tokens(seqs, rows, tokens)
+        self.stats.output_tokens += len(seqs)
+        for seq in self._finished(seqs, rows, tokens):
+            outputs.append(self._output(seq))
+            sched.finish(seq)
         self._collect_stats()
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Add a token; True when the sequence is done (EOS, stop string or length)."""
-        seq.token_ids.append(token)
-        self.stats.output_tokens += 1
-        if token in self.tokenizer.eos_token_ids:
-            seq.finish_reason = "stop"
-            return True
-        if seq.sampling.stop and self._tail_has_stop(seq):
-            text = self.tokenizer.decode(seq.output_token_ids)
-            hits = [i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0]
-            if hits:
-                seq.output_text, seq.finish_reason = text[:min(hits)], "stop"
-                return True
-        if seq.num_output_tokens >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-            return True
-        return False
+    def _finished(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray) -> list[Sequence]:
+        """The sequences the newest tokens finish (EOS, a stop string, or their length), each with its
+        finish_reason set; checked for the whole batch at once, stop strings only where a row has them."""
+        running = self.scheduler.running
+        eos = np.isin(tokens, list(self.tokenizer.eos_token_ids))
+        full = running.num_tokens[rows] >= running.max_tokens[rows]
+        done = []
+        for i in np.flatnonzero(eos | full | running.has_stop[rows]).tolist():
+            seq = seqs[i]
+            if eos[i]:
+                seq.finish_reason = "stop"
+            elif seq.sampling.stop and self._stop_string(seq):
+                seq.finish_reason = "stop"
+            elif full[i]:
+                seq.finish_reason = "length"
+            else:
+                continue
+            done.append(seq)
+        return done
+
+    def _stop_string(self, seq: Sequence) -> bool:
+        """Whether a stop string ends in the newest token; if so the output text is cut before it."""
+        if not self._tail_has_stop(seq):
+            return False
+        text = self.tokenizer.decode(seq.output_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0]
+        if hits:
+            seq.output_text = text[:min(hits)]
+        return bool(hits)
 
     def _tail_has_stop(self, seq: Sequence) -> bool:
         """Whether a stop string may end in the newest token. Only the last tokens are decoded (decoding the

@@ -58,14 +58,6 @@ class LoraBatch:
     def none(cls) -> "LoraBatch":
         return cls(None, None, None, None, 0)
 
-    @classmethod
-    def from_token_slots(cls, ops, adapters: ResidentAdapters, workspace: LoraWorkspace, token_slots,
-                         tile_size: int) -> "LoraBatch":
-        tiles = lora_tiles(token_slots, tile_size)
-        if tiles.shape[0] == 0:
-            return cls.none()
-        return cls(ops, adapters, workspace, torch.from_numpy(tiles).to(workspace.buffer.device), tile_size)
-
     def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         if self.tiles is None:
             return

@@ -1,4 +1,6 @@
 """Owns the device: the model, the page pool, resident adapters; turns a batch of sequences into tokens."""
+from itertools import chain
+
 import numpy as np
 import torch
 
@@ -6,11 +8,12 @@ from engine.adapter_memory import ResidentAdapters
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.loader import load_model
-from engine.lora import DECODE_TILE, PREFILL_TILE, LoraBatch, LoraWorkspace
+from engine.lora import DECODE_TILE, PREFILL_TILE, LoraBatch, LoraWorkspace, lora_tiles
 from engine.model import Batch, ModelArgs, Transformer
 from engine.page_pool import PagePool
 from engine.sampling import sample_next_tokens
 from engine.sequence import Sequence
+from engine.staging import Staging
 from kernels import kernel_ops
 
 
@@ -60,6 +63,7 @@ class ModelRunner:
         self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
                                          self.device)
         self.lora_workspace = LoraWorkspace(self.device)
+        self.staging = Staging(self.device)
         self.max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings,
                                  args.sliding_window or args.max_position_embeddings)
         self.graphs = None
@@ -67,54 +71,55 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.ops, self.adapters, self.pool, config.max_num_seqs,
                                        self.pool.blocks_needed(self.max_model_len), config.max_active_adapters)
 
+    def release_cached_memory(self) -> None:
+        """After running out of device memory: give the allocator's cached blocks back (CUDA only)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _slot_of(self, seq: Sequence) -> int:
         return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
 
-    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward pass over the batch; returns each sequence's next token."""
-        return sample_next_tokens(self.forward_logits(seqs, is_prefill), seqs)
+    def run(self, seqs: list[Sequence], decode_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """One forward pass, a prefill of `seqs` or the decode step that `decode_inputs` describes
+        (RunningBatch.decode_inputs, its rows in the order of `seqs`); returns each sequence's next token."""
+        logits = self.prefill_logits(seqs) if decode_inputs is None else self.decode_logits(decode_inputs)
+        return np.asarray(sample_next_tokens(logits, seqs), dtype=np.int64)
 
     @torch.inference_mode()
-    def forward_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Float32 logits [B, vocab] at each sequence's last token."""
+    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Float32 logits [B, vocab] at each sequence's last token, after feeding all of its tokens (a
+        preempted sequence recomputes its generated tokens too)."""
         block_size = self.pool.block_size
-        if is_prefill:
-            # Prefill feeds every token (a preempted sequence recomputes its generated tokens too).
-            input_ids, positions, slots, token_slots, cu = [], [], [], [], [0]
-            for seq in seqs:
-                n = seq.num_tokens
-                input_ids += seq.token_ids
-                positions += range(n)
-                slots += [seq.kv_slot(p, block_size) for p in range(n)]
-                token_slots += [self._slot_of(seq)] * n
-                cu.append(cu[-1] + n)
-            batch = Batch(True, self._tensor(slots), self.ops, None, cu_seqlens=self._tensor(cu, torch.int32),
-                          max_seqlen=max(s.num_tokens for s in seqs))
-            last = self._tensor([c - 1 for c in cu[1:]])
-        else:
-            input_ids, positions, slots, token_slots, context_lens = [], [], [], [], []
-            for seq in seqs:
-                n = len(seq.token_ids)
-                input_ids.append(seq.token_ids[-1])
-                positions.append(n - 1)
-                slots.append(seq.kv_slot(n - 1, block_size))
-                token_slots.append(self._slot_of(seq))
-                context_lens.append(n)
-            width = max(len(seq.block_table) for seq in seqs)
-            # through numpy: torch.tensor of nested lists is ~3x slower, and this runs every step
-            tables = torch.from_numpy(np.array([seq.block_table + [0] * (width - len(seq.block_table))
-                                                for seq in seqs], dtype=np.int32))
-            if self.graphs and self.graphs.fits(len(seqs)):
-                hidden = self.graphs.run(input_ids, positions, slots, token_slots, tables, context_lens)
-                if hidden is not None:
-                    return self.model.compute_logits(hidden)
-            batch = Batch(False, self._tensor(slots), self.ops, None, block_tables=tables.to(self.device),
-                          context_lens=self._tensor(context_lens, torch.int32))
-            last = None
-        batch.lora = LoraBatch.from_token_slots(self.ops, self.adapters, self.lora_workspace, token_slots,
-                                                PREFILL_TILE if is_prefill else DECODE_TILE)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
-        return self.model.compute_logits(hidden if last is None else hidden[last])
+        lens = np.fromiter((seq.num_tokens for seq in seqs), np.int64, len(seqs))
+        starts = np.cumsum(lens) - lens
+        positions = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+        blocks = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, len(seqs))
+        tables = np.fromiter(chain.from_iterable(seq.block_table for seq in seqs), np.int64, int(blocks.sum()))
+        pages = tables[np.repeat(np.cumsum(blocks) - blocks, lens) + positions // block_size]
+        token_slots = np.repeat([self._slot_of(seq) for seq in seqs], lens)
+        inputs = self.staging.put(
+            input_ids=np.fromiter(chain.from_iterable(seq.token_ids for seq in seqs), np.int64, len(positions)),
+            positions=positions, slot_mapping=pages * block_size + positions % block_size,
+            cu_seqlens=np.r_[starts, lens.sum()], last=starts + lens - 1,
+            tiles=lora_tiles(token_slots, PREFILL_TILE))
+        batch = Batch(True, inputs["slot_mapping"], self.ops, self._lora(inputs["tiles"], PREFILL_TILE),
+                      cu_seqlens=inputs["cu_seqlens"], max_seqlen=int(lens.max()))
+        hidden = self.model(inputs["input_ids"], inputs["positions"], batch)
+        return self.model.compute_logits(hidden[inputs["last"]])
+
+    @torch.inference_mode()
+    def decode_logits(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        """Float32 logits [B, vocab] of one decode step (arrays as RunningBatch.decode_inputs gives them)."""
+        if self.graphs and self.graphs.fits(len(arrays["input_ids"])):
+            hidden = self.graphs.run(arrays)
+            if hidden is not None:
+                return self.model.compute_logits(hidden)
+        inputs = self.staging.put(**arrays)
+        batch = Batch(False, inputs["slot_mapping"], self.ops, self._lora(inputs["tiles"], DECODE_TILE),
+                      block_tables=inputs["block_tables"], context_lens=inputs["context_lens"])
+        return self.model.compute_logits(self.model(inputs["input_ids"], inputs["positions"], batch))
+
+    def _lora(self, tiles: torch.Tensor, tile_size: int) -> LoraBatch:
+        if not tiles.shape[0]:
+            return LoraBatch.none()
+        return LoraBatch(self.ops, self.adapters, self.lora_workspace, tiles, tile_size)

@@ -63,16 +63,6 @@ class PagePool:
         assert not seq.block_table
         seq.block_table = self.allocate(self.blocks_needed(seq.num_tokens))
 
-    def append_kv(self, seq: Sequence) -> bool:
-        """Make room for the K/V of seq's newest token (a new block only when the last one is full);
-        False when that needs a page and none is free."""
-        if len(seq.block_table) * self.block_size >= seq.num_tokens:
-            return True
-        if not self.free_pages:
-            return False
-        seq.block_table.extend(self.allocate(1))
-        return True
-
     def free_kv(self, seq: Sequence) -> None:
         self.free(seq.block_table)
         seq.block_table = []

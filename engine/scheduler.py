@@ -6,31 +6,33 @@ Policy, in short:
 - adapters with no running sequence stay resident until their pages are needed, then go least recently
   used first, those with no waiting work before those with some; idle adapters are evicted before any
   running sequence is preempted;
-- when KV pages run out during decode, the sequence last in the running queue (kept in adapter slot
-  order, see _slot) is preempted and later recomputed;
+- when KV pages run out during decode, the sequence last in the running batch's adapter-slot order is
+  preempted and later recomputed;
 - no time slice (DESIGN): an active adapter keeps its place until its queue drains. Offline, the planner's
   order already decides who goes first, and a slice would only add reloads.
 """
 from collections import Counter, deque
-from heapq import merge
-from itertools import chain, islice
+from itertools import islice
 
 from engine.adapter_memory import ResidentAdapters
 from engine.adapters import AdapterError, AdapterStore
 from engine.config import EngineConfig
 from engine.page_pool import PagePool
+from engine.running_batch import RunningBatch
 from engine.sequence import Sequence, SequenceStatus
 
 LOOKAHEAD = 4  # waiting sequences scanned per free batch place when looking for admissible work
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: PagePool, adapters: ResidentAdapters, store: AdapterStore):
+    def __init__(self, config: EngineConfig, pool: PagePool, adapters: ResidentAdapters, store: AdapterStore,
+                 max_blocks: int):
+        """max_blocks: KV blocks of the longest sequence the engine admits."""
         self.max_num_seqs, self.max_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.max_active = config.max_active_adapters
         self.pool, self.adapters, self.store = pool, adapters, store
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running = RunningBatch(config.max_num_seqs, max_blocks, pool)
         self.failed: list[tuple[Sequence, str]] = []   # sequences whose adapter could not be loaded
         self.waiting_per_adapter: Counter[str | None] = Counter()
         self.preemptions = 0
@@ -49,10 +51,10 @@ class Scheduler:
         return seq
 
     def is_finished(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not len(self.running)
 
     def active_adapters(self) -> set[str]:
-        return {s.adapter_id for s in self.running if s.adapter_id is not None}
+        return set(self.running.adapters)
 
     def upcoming_adapters(self, n: int) -> list[str]:
         """The next n distinct adapters in the waiting queue that are not resident (for read-ahead).
@@ -108,7 +110,7 @@ class Scheduler:
         batch, skipped, tokens = [], [], 0
         active = self.active_adapters()
         limit = LOOKAHEAD * self.max_num_seqs
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs and len(skipped) < limit:
+        while self.waiting and len(self.running) < self.max_num_seqs and len(skipped) < limit:
             seq = self.waiting.popleft()
             a = seq.adapter_id
             if a is not None and a not in active and len(active) >= self.max_active:
@@ -137,37 +139,34 @@ class Scheduler:
             self._leave_waiting(seq)
             self.pool.allocate_kv(seq)
             seq.status = SequenceStatus.RUNNING
+            self.running.add(seq, self._slot(seq))
             batch.append(seq)
             tokens += seq.num_tokens
         self.waiting.extendleft(reversed(skipped))
-        batch.sort(key=self._slot)
-        self.running = list(merge(self.running, batch, key=self._slot))
-        return batch
+        return sorted(batch, key=self._slot)
 
     def _schedule_decode(self) -> list[Sequence]:
-        batch, queue = [], deque(self.running)
-        while queue:
-            seq = queue.popleft()
-            while not self.pool.append_kv(seq):
-                if self._evict_idle({s.adapter_id for s in chain(queue, batch, [seq])}):
-                    continue
-                if queue:
-                    self.preempt(queue.pop())
-                else:
-                    self.preempt(seq)
-                    break
-            else:
-                batch.append(seq)
-        self.running = batch
-        return list(batch)   # a copy: finishing sequences leaves `running` while the caller walks the batch
+        """Every running sequence, once each has a KV block for its newest token: idle adapters are evicted,
+        then the sequences last in order preempted, while the pool has too few free pages for that."""
+        running = self.running
+        while len(running):
+            rows = running.order()
+            needed = running.kv_blocks_needed(rows)
+            if len(needed) <= self.pool.num_free:
+                running.grow_kv(needed)
+                return running.sequences()
+            if not self._evict_idle(self.active_adapters()):
+                self.preempt(running.seqs[rows[-1]])
+        return []
 
     def _slot(self, seq: Sequence) -> int:
-        """The running queue, and so every batch, is kept in adapter slot order: each adapter's tokens are
-        one run, which the LoRA kernels cut into tiles. A running sequence's adapter keeps its slot."""
+        """Batches are in adapter slot order: each adapter's tokens are one run, which the LoRA kernels cut
+        into tiles. A running sequence's adapter keeps its slot (active adapters are never evicted)."""
         return -1 if seq.adapter_id is None else self.adapters.slot(seq.adapter_id)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a sequence's KV and put it first in line; it is recomputed from its tokens later."""
+        """Free a running sequence's KV and put it first in line; it is recomputed from its tokens later."""
+        self.running.remove(seq)
         self.pool.free_kv(seq)
         seq.status = SequenceStatus.WAITING
         seq.preemptions += 1
@@ -183,10 +182,9 @@ class Scheduler:
         if is_prefill:
             self.max_batched_tokens = max(1, min(self.max_batched_tokens, sum(s.num_tokens for s in batch) // 2))
         for seq in reversed(batch if is_prefill else batch[self.max_num_seqs:]):
-            self.running.remove(seq)
             self.preempt(seq)
 
     def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
         self.pool.free_kv(seq)
         seq.status = SequenceStatus.FINISHED
-        self.running.remove(seq)

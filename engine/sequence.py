@@ -21,6 +21,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.max_new_tokens = max_new_tokens
         self.block_table: list[int] = []
+        self.row: int | None = None          # its row in the scheduler's RunningBatch while it runs
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.output_text: str | None = None
@@ -39,7 +40,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
-
-    def kv_slot(self, position: int, block_size: int) -> int:
-        """Where the K/V of the token at `position` lives: a flat slot of the pool's KV blocks."""
-        return self.block_table[position // block_size] * block_size + position % block_size

@@ -61,6 +61,18 @@ def test_the_pool_takes_its_share_of_free_gpu_memory(monkeypatch, llama_fleet):
     assert num_pages == int((10 << 30) * 0.5) // (page_numel * 4)
 
 
+def test_out_of_memory_hands_cached_blocks_back_on_cuda_only(monkeypatch, llama_fleet):
+    engine = Engine(EngineConfig(model=str(llama_fleet.model), cpu_pool_bytes=1 << 20))
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    engine.runner.release_cached_memory()
+    assert emptied == []
+    engine.runner.device = torch.device("cuda", 0)
+    engine.runner.release_cached_memory()
+    assert emptied == [True]
+    engine.close()
+
+
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph: its pool is an id, its replay a marker."""
     made = []

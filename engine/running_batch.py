@@ -1,0 +1,115 @@
+"""The running sequences as arrays, so a decode step costs the host no Python work per sequence.
+
+A sequence takes a row of these arrays when it is admitted and gives it back when it stops running (rows
+are reused). The Sequence stays the owner of its tokens and its KV block table; while it runs, this class
+is their only writer (it appends the sampled tokens, and the KV blocks their K/V needs), so the arrays
+never drift from it. A decode batch is the running rows in adapter-slot order: each adapter's tokens are
+then one run for the LoRA kernels' tiles. That order is recomputed only when a sequence joins or leaves.
+"""
+from collections import Counter
+
+import numpy as np
+
+from engine.lora import DECODE_TILE, lora_tiles
+from engine.page_pool import PagePool
+from engine.sequence import Sequence
+
+
+class RunningBatch:
+    def __init__(self, max_seqs: int, max_blocks: int, pool: PagePool):
+        self.pool, self.block_size = pool, pool.block_size
+        self.seqs: list[Sequence | None] = [None] * max_seqs          # by row
+        self.free_rows = list(range(max_seqs - 1, -1, -1))
+        self.num_tokens = np.zeros(max_seqs, np.int64)
+        self.num_blocks = np.zeros(max_seqs, np.int64)
+        self.last_token = np.zeros(max_seqs, np.int64)
+        self.max_tokens = np.zeros(max_seqs, np.int64)                # prompt + max_new_tokens: done at that length
+        self.has_stop = np.zeros(max_seqs, bool)                       # has stop strings to look for
+        self.adapter_slot = np.full(max_seqs, -1, np.int32)          # -1 = base model
+        self.block_tables = np.zeros((max_seqs, max_blocks), np.int32)
+        self.adapters: Counter[str] = Counter()                       # running sequences per adapter
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs) - len(self.free_rows)
+
+    def __iter__(self):
+        return iter(self.sequences())
+
+    def add(self, seq: Sequence, adapter_slot: int) -> None:
+        """Take a row for a sequence whose prompt KV blocks are allocated (it runs from now on)."""
+        row = seq.row = self.free_rows.pop()
+        self.seqs[row] = seq
+        self.num_tokens[row], self.last_token[row] = seq.num_tokens, seq.token_ids[-1]
+        self.num_blocks[row] = len(seq.block_table)
+        self.block_tables[row, :len(seq.block_table)] = seq.block_table
+        self.max_tokens[row] = seq.num_prompt_tokens + seq.max_new_tokens
+        self.has_stop[row] = bool(seq.sampling.stop)
+        self.adapter_slot[row] = adapter_slot
+        if seq.adapter_id is not None:
+            self.adapters[seq.adapter_id] += 1
+        self._order = None
+
+    def remove(self, seq: Sequence) -> None:
+        row = seq.row
+        assert self.seqs[row] is seq, f"{seq.request_id} is not running"
+        self.seqs[row], seq.row = None, None
+        self.free_rows.append(row)
+        if seq.adapter_id is not None:
+            self.adapters[seq.adapter_id] -= 1
+            if not self.adapters[seq.adapter_id]:
+                del self.adapters[seq.adapter_id]
+        self._order = None
+
+    def order(self) -> np.ndarray:
+        """Rows of the running sequences in adapter-slot order (base-model rows first)."""
+        if self._order is None:
+            rows = np.array([row for row, seq in enumerate(self.seqs) if seq is not None], np.int64)
+            self._order = rows[np.argsort(self.adapter_slot[rows], kind="stable")]
+            self._ordered_seqs = [self.seqs[row] for row in self._order.tolist()]
+            self._tiles = lora_tiles(self.adapter_slot[self._order], DECODE_TILE)
+        return self._order
+
+    def sequences(self) -> list[Sequence]:
+        """The running sequences in order() (a list the caller may keep: membership changes make a new one)."""
+        self.order()
+        return self._ordered_seqs
+
+    def tiles(self) -> np.ndarray:
+        """The LoRA tile table of a decode step over order()."""
+        self.order()
+        return self._tiles
+
+    def rows_of(self, seqs: list[Sequence]) -> np.ndarray:
+        return np.fromiter((seq.row for seq in seqs), np.int64, len(seqs))
+
+    def append_tokens(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray) -> None:
+        """The sampled token of each of `seqs` (running, in any order; `rows` theirs), appended to it."""
+        for seq, token in zip(seqs, tokens.tolist()):
+            seq.token_ids.append(token)
+        self.num_tokens[rows] += 1
+        self.last_token[rows] = tokens
+
+    def kv_blocks_needed(self, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` whose newest token has no KV block yet."""
+        return rows[self.num_tokens[rows] > self.num_blocks[rows] * self.block_size]
+
+    def grow_kv(self, rows: np.ndarray) -> None:
+        """One more KV block for each of `rows` (see kv_blocks_needed); the pool must have them free."""
+        pages = self.pool.allocate(len(rows))
+        for row, page in zip(rows.tolist(), pages):
+            self.seqs[row].block_table.append(page)
+        self.block_tables[rows, self.num_blocks[rows]] = pages
+        self.num_blocks[rows] += 1
+
+    def decode_inputs(self) -> dict[str, np.ndarray]:
+        """What a decode step over every running sequence (in order()) reads: the token to feed, its
+        position, the KV slot it writes, the context length, the block tables, the LoRA tiles."""
+        rows = self.order()
+        num_tokens = self.num_tokens[rows]
+        positions = num_tokens - 1
+        tables = self.block_tables[rows, :int(self.num_blocks[rows].max())]
+        pages = tables[np.arange(len(rows)), positions // self.block_size]
+        return dict(input_ids=self.last_token[rows], positions=positions,
+                    slot_mapping=pages * self.block_size + positions % self.block_size,
+                    context_lens=num_tokens, block_tables=tables, tiles=self.tiles())
