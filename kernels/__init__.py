@@ -9,14 +9,17 @@ from types import SimpleNamespace
 from kernels.lora_expand import lora_expand, lora_expand_ref
 from kernels.lora_shrink import lora_shrink, lora_shrink_ref, lora_split_k, lora_split_k_ref
 from kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
+from kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
 REFERENCE_OPS = SimpleNamespace(lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref, lora_split_k=lora_split_k_ref,
                                 paged_attention_decode=paged_attention_decode_ref,
-                                prefill_attention=prefill_attention_ref)
+                                prefill_attention=prefill_attention_ref,
+                                paged_prefill_attention=paged_prefill_attention_ref)
 TRITON_OPS = SimpleNamespace(lora_shrink=lora_shrink, lora_expand=lora_expand, lora_split_k=lora_split_k,
                              paged_attention_decode=paged_attention_decode,
-                             prefill_attention=prefill_attention)
+                             prefill_attention=prefill_attention,
+                             paged_prefill_attention=paged_prefill_attention)
 
 
 def kernel_ops(use_triton: bool) -> SimpleNamespace:

@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine.lora import DECODE_TILE, PREFILL_TILE
-from kernels import lora_expand, lora_shrink, paged_attention_decode, prefill_attention
+from kernels import lora_expand, lora_shrink, paged_attention_decode, paged_prefill_attention, prefill_attention
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                 torch.int64: "i64"}
@@ -54,7 +54,8 @@ def main() -> None:
     # the package exports each module's function under the module's name, so reach the modules by import
     launches = [CompileInsteadOfLaunch(importlib.import_module(f"kernels.{module}"), kernel) for module, kernel in [
         ("lora_shrink", "_shrink_kernel"), ("lora_expand", "_expand_kernel"),
-        ("paged_attention", "_paged_decode_kernel"), ("prefill_attention", "_prefill_kernel")]]
+        ("paged_attention", "_paged_decode_kernel"), ("prefill_attention", "_prefill_kernel"),
+        ("paged_prefill_attention", "_paged_prefill_kernel")]]
     ints = dict(dtype=torch.int32)
     for dtype in (torch.bfloat16, torch.float32):                 # fp16 lowers as bf16 does
         pool = torch.zeros(4096, dtype=dtype)
@@ -73,6 +74,8 @@ def main() -> None:
                                torch.ones(3, **ints), 0.1)
         q = torch.zeros(10, 8, 128, dtype=dtype)
         prefill_attention(q, q[:, :2], q[:, 2:4], torch.tensor([0, 10], **ints), 10, 0.1)
+        paged_prefill_attention(q, kv[:, 0], kv[:, 1], torch.zeros(1, 2, **ints), torch.tensor([0, 10], **ints),
+                                torch.tensor([20], **ints), 10, 0.1)
     for launch in launches:
         for name, _, constexprs, shared in launch.compiled:
             print(f"{name} {constexprs} shared={shared}")

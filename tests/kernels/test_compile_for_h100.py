@@ -19,5 +19,6 @@ def test_every_launch_configuration_compiles_for_sm90():
     done = subprocess.run([sys.executable, str(SCRIPT)], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for kernel in ("_shrink_kernel", "_expand_kernel", "_paged_decode_kernel", "_prefill_kernel"):
+    for kernel in ("_shrink_kernel", "_expand_kernel", "_paged_decode_kernel", "_prefill_kernel",
+                   "_paged_prefill_kernel"):
         assert kernel in done.stdout
