@@ -3,6 +3,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from itertools import compress
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,8 +14,10 @@ from engine.adapters import AdapterStore
 from engine.config import EngineConfig
 from engine.model import Transformer
 from engine.model_runner import ModelRunner
+from engine.prefix_cache import siblings_together
 from engine.request import Request, RequestOutput
 from engine.scheduler import Scheduler
+from engine.scoring import encode_request, logprob_fields, scored_output, scored_sequence, scoring_problem
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
@@ -34,6 +37,9 @@ class EngineStats:
     peak_pool_pages_used: int = 0
     pool_pages: int = 0
     preemptions: int = 0
+    prefill_tokens_requested: int = 0   # tokens of every prefilled sequence (prompt, continuation, recompute)
+    prefill_tokens_computed: int = 0    # of those, the ones run through the model (not in shared prefix pages)
+    scored_tokens: int = 0              # continuation tokens scored
 
     @property
     def mean_adapters_per_decode_step(self) -> float:
@@ -67,28 +73,40 @@ class Engine:
 
     def add_request(self, request: Request) -> RequestOutput | None:
         """Queue a request; a request that can never run comes back at once as an error output."""
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt:
-            ids = self.tokenizer.encode(request.prompt)
-        else:
+        seq = self._sequence(request)
+        if isinstance(seq, RequestOutput):
+            return seq
+        self.scheduler.add(seq)
+        return None
+
+    def _sequence(self, request: Request) -> Sequence | RequestOutput:
+        """The request's sequence, or its error output."""
+        if request.prompt_token_ids is None and not request.prompt and not request.is_scored:
             return RequestOutput.failed(request, "empty prompt: give a non-empty prompt or prompt_token_ids")
+        ids, continuation = encode_request(self.tokenizer, request)
         vocab = self.runner.args.vocab_size
         if not ids:
             return RequestOutput.failed(request, "the prompt encodes to no tokens")
         if any(not 0 <= t < vocab for t in ids):
             return RequestOutput.failed(request, f"prompt_token_ids outside the vocabulary [0, {vocab})", len(ids))
-        if len(ids) >= self.max_model_len:
+        if request.is_scored:
+            if error := scoring_problem(ids, continuation, vocab, self.max_model_len):
+                return RequestOutput.failed(request, error, len(ids))
+            n_tokens = len(ids) + len(continuation)
+        elif len(ids) >= self.max_model_len:
             return RequestOutput.failed(request, f"prompt has {len(ids)} tokens; the context allows "
                                                  f"{self.max_model_len} (prompt + at least one new token)", len(ids))
-        max_new = min(request.sampling.max_new_tokens, self.max_model_len - len(ids))
+        else:
+            max_new = min(request.sampling.max_new_tokens, self.max_model_len - len(ids))
+            n_tokens = len(ids) + max_new
         pool = self.runner.pool
-        if pool.blocks_needed(len(ids) + max_new) > pool.num_pages:
-            return RequestOutput.failed(request, f"needs {pool.blocks_needed(len(ids) + max_new)} KV pages; the pool "
+        if pool.blocks_needed(n_tokens) > pool.num_pages:
+            return RequestOutput.failed(request, f"needs {pool.blocks_needed(n_tokens)} KV pages; the pool "
                                                  f"has {pool.num_pages} in all (raise num_pages)", len(ids))
+        if request.is_scored:
+            return scored_sequence(request, ids, continuation, pool.block_size if self.config.prefix_sharing else None)
         seed = request.sampling.seed if request.sampling.seed is not None else default_seed(request.request_id)
-        self.scheduler.add(Sequence(request, ids, max_new, seed))
-        return None
+        return Sequence(request, ids, max_new, seed)
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler
@@ -118,11 +136,16 @@ class Engine:
                                                     "max_new_tokens, or run on a larger device")]
         self.stats.steps += 1
         if is_prefill:
+            self.runner.pool.prefix_cache.mark_computed()   # the pages this batch keyed now hold its K/V
             # A preempted sequence's recompute is not new prompt work: count each prompt once.
             self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in seqs if not s.preemptions)
+            self.stats.prefill_tokens_requested += sum(s.num_tokens for s in seqs)
+            self.stats.prefill_tokens_computed += sum(s.num_tokens - s.num_cached_tokens for s in seqs)
         else:
             self.stats.decode_steps += 1
             self.stats.adapters_per_decode_step += len(sched.running.adapters)
+        if is_prefill and any(s.is_scored for s in seqs):
+            seqs, tokens = self._finish_scored(seqs, tokens, outputs)
         rows = sched.running.rows_of(seqs) if is_prefill else sched.running.order()
         sched.running.append_tokens(seqs, rows, tokens)
         self.stats.output_tokens += len(seqs)
@@ -131,6 +154,17 @@ class Engine:
             sched.finish(seq)
         self._collect_stats()
         return outputs
+
+    def _finish_scored(self, seqs: list[Sequence], tokens: np.ndarray,
+                       outputs: list[RequestOutput]) -> tuple[list[Sequence], np.ndarray]:
+        """Output and finish the scored sequences of a prefill batch (done in their one prefill); returns the
+        generating ones and their tokens."""
+        generating = np.fromiter((not seq.is_scored for seq in seqs), bool, len(seqs))
+        for seq in compress(seqs, ~generating):
+            self.stats.scored_tokens += seq.num_scored_tokens
+            outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)))
+            self.scheduler.finish(seq)
+        return list(compress(seqs, generating)), tokens[generating]
 
     def _finished(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray) -> list[Sequence]:
         """The sequences the newest tokens finish (EOS, a stop string, or their length), each with its
@@ -175,16 +209,24 @@ class Engine:
         if error is not None:
             return RequestOutput.failed(seq.request, error, seq.num_prompt_tokens)
         text = seq.output_text if seq.output_text is not None else self.tokenizer.decode(seq.output_token_ids)
-        sha = self.runner.adapters.sha256(seq.adapter_id) if seq.adapter_id else None
         return RequestOutput(seq.request_id, seq.adapter_id, text, seq.output_token_ids, seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.finish_reason, None, sha)
+                             seq.num_output_tokens, seq.finish_reason, None, self._sha256(seq),
+                             **logprob_fields(seq, self.tokenizer))
+
+    def _sha256(self, seq: Sequence) -> str | None:
+        return self.runner.adapters.sha256(seq.adapter_id) if seq.adapter_id else None
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
         """Run requests to completion, yielding each output as soon as it finishes (in any order)."""
+        seqs = []
         for request in requests:
-            failed = self.add_request(request)
-            if failed is not None:
-                yield failed
+            seq = self._sequence(request)
+            if isinstance(seq, RequestOutput):
+                yield seq
+            else:
+                seqs.append(seq)
+        for seq in siblings_together(seqs):   # the choices of a question in one batch: they share its prompt
+            self.scheduler.add(seq)
         started = time.perf_counter()
         while not self.scheduler.is_finished():
             yield from self.step()

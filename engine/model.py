@@ -135,7 +135,10 @@ class Attention(nn.Module):
         pages, offsets = batch.slot_mapping // self.k_cache.shape[1], batch.slot_mapping % self.k_cache.shape[1]
         self.k_cache[pages, offsets] = k
         self.v_cache[pages, offsets] = v
-        if batch.is_prefill:
+        if batch.is_prefill and batch.block_tables is not None:   # after shared prefix pages (engine/prefix_cache.py)
+            o = batch.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, batch.block_tables, batch.cu_seqlens,
+                                                  batch.context_lens, batch.max_seqlen, self.scale)
+        elif batch.is_prefill:
             o = batch.ops.prefill_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)
         else:
             o = batch.ops.paged_attention_decode(q, self.k_cache, self.v_cache, batch.block_tables,
@@ -211,5 +214,5 @@ class Batch:
     lora: "object"                          # engine.lora.LoraBatch (adds LoRA deltas; a no-op without adapters)
     cu_seqlens: torch.Tensor | None = None  # prefill: [B + 1] token boundaries
     max_seqlen: int = 0
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks]
-    context_lens: torch.Tensor | None = None  # decode: [B]
+    block_tables: torch.Tensor | None = None  # decode, and prefill after cached prefixes: [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # the same: [B] tokens of each sequence

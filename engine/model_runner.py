@@ -8,6 +8,7 @@ from engine.adapter_memory import ResidentAdapters
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.loader import load_model
+from engine.logprobs import record_generated, score_continuations
 from engine.lora import DECODE_TILE, PREFILL_TILE, LoraBatch, LoraWorkspace, lora_tiles
 from engine.model import Batch, ModelArgs, Transformer
 from engine.page_pool import PagePool
@@ -81,30 +82,42 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], decode_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One forward pass, a prefill of `seqs` or the decode step that `decode_inputs` describes
-        (RunningBatch.decode_inputs, its rows in the order of `seqs`); returns each sequence's next token."""
+        (RunningBatch.decode_inputs, its rows in the order of `seqs`); returns each sequence's next token (a
+        scored sequence's is not used: its log-probs are on it)."""
         logits = self.prefill_logits(seqs) if decode_inputs is None else self.decode_logits(decode_inputs)
-        return np.asarray(sample_next_tokens(logits, seqs), dtype=np.int64)
+        tokens = np.asarray(sample_next_tokens(logits, seqs), dtype=np.int64)
+        record_generated(logits, tokens, seqs)
+        return tokens
 
     @torch.inference_mode()
     def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Float32 logits [B, vocab] at each sequence's last token, after feeding all of its tokens (a
-        preempted sequence recomputes its generated tokens too)."""
+        """Float32 logits [B, vocab] at each sequence's last token, after feeding its tokens (a preempted sequence
+        recomputes its generated tokens too) but those in shared prefix pages; a scored sequence's log-probs are
+        filled in on the way (engine/logprobs.py)."""
         block_size = self.pool.block_size
-        lens = np.fromiter((seq.num_tokens for seq in seqs), np.int64, len(seqs))
+        cached = np.fromiter((seq.num_cached_tokens for seq in seqs), np.int64, len(seqs))
+        lens = np.fromiter((seq.num_tokens for seq in seqs), np.int64, len(seqs)) - cached     # tokens to feed
         starts = np.cumsum(lens) - lens
-        positions = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+        positions = np.arange(int(lens.sum())) - np.repeat(starts - cached, lens)
         blocks = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, len(seqs))
         tables = np.fromiter(chain.from_iterable(seq.block_table for seq in seqs), np.int64, int(blocks.sum()))
         pages = tables[np.repeat(np.cumsum(blocks) - blocks, lens) + positions // block_size]
         token_slots = np.repeat([self._slot_of(seq) for seq in seqs], lens)
-        inputs = self.staging.put(
-            input_ids=np.fromiter(chain.from_iterable(seq.token_ids for seq in seqs), np.int64, len(positions)),
+        arrays = dict(
+            input_ids=np.fromiter(chain.from_iterable(seq.token_ids[seq.num_cached_tokens:] for seq in seqs), np.int64,
+                                  len(positions)),
             positions=positions, slot_mapping=pages * block_size + positions % block_size,
-            cu_seqlens=np.r_[starts, lens.sum()], last=starts + lens - 1,
-            tiles=lora_tiles(token_slots, PREFILL_TILE))
+            cu_seqlens=np.r_[starts, lens.sum()], last=starts + lens - 1, tiles=lora_tiles(token_slots, PREFILL_TILE))
+        if cached.any():   # new tokens after shared prefix pages read those pages' K/V from the cache
+            block_tables = np.zeros((len(seqs), int(blocks.max())), np.int64)
+            block_tables[np.arange(block_tables.shape[1]) < blocks[:, None]] = tables    # row by row, padded with 0
+            arrays.update(block_tables=block_tables, context_lens=cached + lens)
+        inputs = self.staging.put(**arrays)
         batch = Batch(True, inputs["slot_mapping"], self.ops, self._lora(inputs["tiles"], PREFILL_TILE),
-                      cu_seqlens=inputs["cu_seqlens"], max_seqlen=int(lens.max()))
+                      cu_seqlens=inputs["cu_seqlens"], max_seqlen=int(lens.max()),
+                      block_tables=inputs.get("block_tables"), context_lens=inputs.get("context_lens"))
         hidden = self.model(inputs["input_ids"], inputs["positions"], batch)
+        score_continuations(seqs, hidden, starts.tolist(), self.model.compute_logits)
         return self.model.compute_logits(hidden[inputs["last"]])
 
     @torch.inference_mode()

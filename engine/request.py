@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 
 GREEDY_BELOW = 1e-5   # temperatures under this sample greedily
+MAX_LOGPROBS = 20     # most top-N alternatives per token a request may ask for (OpenAI's bound)
 
 
 @dataclass
@@ -33,6 +34,14 @@ class Request:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None  # used as-is when given
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Scored instead of generated when either is given (engine/scoring.py); the ids are used as-is.
+    continuation: str | None = None
+    continuation_token_ids: list[int] | None = None
+    logprobs: int | None = None                # per-token log-probs with this many alternatives; None = none
+
+    @property
+    def is_scored(self) -> bool:
+        return self.continuation is not None or self.continuation_token_ids is not None
 
 
 @dataclass
@@ -43,9 +52,16 @@ class RequestOutput:
     output_token_ids: list[int]
     prompt_tokens: int
     output_tokens: int
-    finish_reason: str                 # "stop" | "length" | "error"
+    finish_reason: str                 # "stop" | "length" | "scored" | "error"
     error: str | None = None
     adapter_sha256: str | None = None
+    # scored rows: the continuation's summed log-prob, its tokens, whether each was the argmax
+    continuation_logprob: float | None = None
+    continuation_tokens: int | None = None
+    is_greedy: bool | None = None
+    # rows that asked for logprobs: one per output token, and its alternatives ({token_id, token, logprob})
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[dict]] | None = None
 
     @classmethod
     def failed(cls, request: Request, error: str, prompt_tokens: int = 0) -> "RequestOutput":

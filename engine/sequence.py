@@ -3,6 +3,7 @@ from enum import Enum, auto
 
 import torch
 
+from engine.logprobs import TokenLogprobs
 from engine.request import Request
 
 
@@ -13,12 +14,18 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, request: Request, prompt_token_ids: list[int], max_new_tokens: int, seed: int):
+    def __init__(self, request: Request, prompt_token_ids: list[int], max_new_tokens: int, seed: int,
+                 continuation_token_ids: list[int] = ()):
         self.request = request
         # Copied out of the request: the scheduler reads them for every sequence on every step.
         self.request_id, self.adapter_id, self.sampling = request.request_id, request.adapter_id, request.sampling
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids) + list(continuation_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        # Scoring (engine/scoring.py): a scored sequence is one prefill over prompt + continuation.
+        self.num_scored_tokens = len(continuation_token_ids)
+        self.prefix_keys: list[bytes] = []      # keys of the prompt pages it may share (engine/prefix_cache.py)
+        self.num_cached_tokens = 0              # leading tokens whose K/V shared pages already hold
+        self.logprobs = TokenLogprobs()         # of its output tokens, when the request asks
         self.max_new_tokens = max_new_tokens
         self.block_table: list[int] = []
         self.row: int | None = None          # its row in the scheduler's RunningBatch while it runs
@@ -28,6 +35,10 @@ class Sequence:
         self.preemptions = 0
         # One generator per request: its samples do not depend on what it is batched with.
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def is_scored(self) -> bool:
+        return self.num_scored_tokens > 0
 
     @property
     def num_tokens(self) -> int:

@@ -40,9 +40,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text).ids
-        if self.add_bos and (not ids or ids[0] != self.bos_token_id):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 
@@ -65,6 +65,24 @@ class Tokenizer:
             self._spelling = HFTokenizer.from_str(json.dumps(spec))
             self._spelling.encode_special_tokens = True
         return self._spelling.encode(text, add_special_tokens=False).ids
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is encoded as: BOS, or EOS where the model has no BOS (as the harness does)."""
+        return self.bos_token_id if self.bos_token_id is not None else min(self.eos_token_ids)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-evaluation-harness splits them: trailing whitespace of the
+        context moves to the continuation; the continuation's ids are those of the whole text past the
+        context's own encoding (a merge across the boundary is counted in the continuation); an empty
+        context is the prefix token alone."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.prefix_token_id], self.encode(continuation, add_special_tokens=False)
+        context_ids = self.encode(context)
+        return context_ids, self.encode(context + continuation)[len(context_ids):]
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
