@@ -25,6 +25,7 @@ class LorafleetResource(ConfigurableResource):
     max_active_adapters: int = 8
     max_num_seqs: int = 64
     default_max_new_tokens: int = 128
+    prefix_sharing: bool = True                # scored rows of one adapter and prompt share its KV pages
     base_model_name: str | None = None         # adapters trained on another base fail their rows
     max_error_rate: float = 0.05               # bound of the error-rate check
     regression_margin: float = 0.05            # a score that drops by more than this is a regression

@@ -58,6 +58,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, help="page pool size (default: from free memory)")
     p.add_argument("--max-new-tokens", dest="default_max_new_tokens", type=int,
                    help="default for rows without max_new_tokens (default 128)")
+    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", default=None,
+                   help="scored rows of one adapter and prompt each compute the prompt (default: they share it)")
     _storage_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
 

@@ -2,16 +2,32 @@
 
 One metrics row per adapter and night. The base model (null adapter_id) keeps a null adapter_id,
 as in the results, and gets the label `<base>` in `adapter_label` (no adapter_id can start with `<`).
+`score_groups` gives the same scores per any grouping, e.g. per adapter and `task`.
 
-Scores, where the results carry a `reference` column (rows without a reference are not scored):
+Generated rows (not scored, not in a choice group), where the results carry a `reference` column (rows
+without a reference are not scored):
 - exact_match: fraction of scored rows whose output equals the reference, both stripped of
   surrounding whitespace. An error row (null output) counts as an empty output, so an adapter
   that fails its rows scores low instead of dropping out.
 - chrf: sacrebleu's corpus-level chrF (character 6-grams, beta 2) over the scored rows, 0-100.
-Token counts (mean, p95 with linear interpolation) are over rows that did not fail.
+Token counts (mean, p95 with linear interpolation) are over generated rows that did not fail.
 
-A regression against the previous night is a drop of more than `margin` in
-exact_match (fraction, 0-1), or in chrf / 100, or a rise of more than `margin` in error_rate.
+Multiple choice, as lm-evaluation-harness scores it: rows sharing a `choice_group` (and adapter) are the
+choices of one question, each with its `choice_label`; the group's `gold` names the right one (labels and
+gold compared as strings; a question without gold is not counted). Per question, the prediction is the
+choice with the largest continuation_logprob (acc), or the largest continuation_logprob divided by the
+continuation's length in UTF-8 bytes (acc_norm; the harness divides by its length in characters, the same
+for ASCII); ties go to the first label in sorted order. A question with a failed choice counts as wrong.
+`questions` counts them; acc and acc_norm are the fractions answered right.
+
+Perplexity over the scored rows outside any choice group (a held-out text as the continuation), as the
+harness's weighted perplexity: exp(-sum of continuation_logprob / sum of words), words being
+len(re.split(r"\\s+", text)) of each continuation's text (word_perplexity), or / sum of continuation_tokens
+(token_perplexity).
+
+A regression against the previous night is a drop of more than `margin` in exact_match, acc or acc_norm
+(fractions, 0-1), or in chrf / 100, a rise of more than `margin` in error_rate, or a rise of a perplexity
+by more than `margin` of its previous value.
 """
 import io
 
@@ -23,18 +39,32 @@ from pipeline.layout import metrics_url, results_url
 from pipeline.storage import filesystem, join, publish, visible_files
 
 BASE_LABEL = "<base>"
-SCORES = ("exact_match", "chrf", "error_rate")      # compared night over night
-SCORE_SCALE = {"exact_match": 1.0, "chrf": 100.0, "error_rate": 1.0}
-HIGHER_IS_BETTER = {"exact_match": True, "chrf": True, "error_rate": False}
+SCORES = ("exact_match", "chrf", "acc", "acc_norm", "word_perplexity", "token_perplexity", "error_rate")  # compared
+# a change counts against the margin as a share of this scale (None: of the previous night's value)
+SCORE_SCALE = {"exact_match": 1.0, "chrf": 100.0, "acc": 1.0, "acc_norm": 1.0, "word_perplexity": None,
+               "token_perplexity": None, "error_rate": 1.0}
+HIGHER_IS_BETTER = {"exact_match": True, "chrf": True, "acc": True, "acc_norm": True, "word_perplexity": False,
+                    "token_perplexity": False, "error_rate": False}
 METRICS_FILE = "metrics.parquet"
+# result columns the scores read, with their types: all-null columns read back as dtype Null, and a night
+# without scored rows, choices or references may lack them
+READ_COLUMNS = {"adapter_id": pl.String, "task": pl.String, "output_text": pl.String, "reference": pl.String,
+                "choice_group": pl.String, "choice_label": pl.String, "gold": pl.String,
+                "continuation_logprob": pl.Float64, "continuation_tokens": pl.Int64}
+GENERATED = (pl.col("finish_reason") != "scored") & pl.col("choice_group").is_null()
 
 
 def chrf_score(hypotheses: list[str], references: list[str]) -> float:
     return CHRF().corpus_score(hypotheses, [references]).score
 
 
-def _scores(group: pl.DataFrame) -> dict:
-    scored = group.filter(pl.col("reference").is_not_null())
+def _typed(results: pl.DataFrame) -> pl.DataFrame:
+    return results.with_columns(pl.col(c).cast(t) if c in results.columns else pl.lit(None, dtype=t).alias(c)
+                                for c, t in READ_COLUMNS.items())
+
+
+def _reference_scores(group: pl.DataFrame) -> dict:
+    scored = group.filter(pl.col("reference").is_not_null() & GENERATED)
     if scored.height == 0:
         return {"exact_match": None, "chrf": None}
     hypotheses = [(text or "").strip() for text in scored["output_text"].to_list()]
@@ -43,29 +73,55 @@ def _scores(group: pl.DataFrame) -> dict:
     return {"exact_match": exact, "chrf": chrf_score(hypotheses, references)}
 
 
+def _choice_scores(results: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """questions, acc and acc_norm per group of keys (a question is a choice_group of one adapter)."""
+    logprob = pl.col("continuation_logprob")
+    per_byte = logprob / pl.col("output_text").str.len_bytes()
+    questions = (results.filter(pl.col("choice_group").is_not_null()).sort("choice_label", nulls_last=True)
+                 .group_by(list(dict.fromkeys([*keys, "adapter_id", "choice_group"]))).agg(
+                     pl.col("gold").drop_nulls().first(),
+                     logprob.is_not_null().all().alias("complete"),
+                     pl.col("choice_label").get(logprob.fill_null(float("-inf")).arg_max()).alias("pred"),
+                     pl.col("choice_label").get(per_byte.fill_null(float("-inf")).arg_max()).alias("pred_norm"))
+                 .filter(pl.col("gold").is_not_null()))
+    right = lambda pred: (pl.col("complete") & (pl.col(pred) == pl.col("gold"))).fill_null(False).mean()  # noqa
+    return questions.group_by(keys).agg(pl.len().cast(pl.Int64).alias("questions"), right("pred").alias("acc"),
+                                        right("pred_norm").alias("acc_norm"))
+
+
+def _perplexities(results: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    logprob = pl.col("continuation_logprob")
+    words = pl.col("output_text").str.count_matches(r"\s+") + 1      # = len(re.split(r"\s+", text))
+    return (results.filter(logprob.is_not_null() & pl.col("choice_group").is_null()).group_by(keys).agg(
+        (-logprob.sum() / words.sum()).exp().alias("word_perplexity"),
+        (-logprob.sum() / pl.col("continuation_tokens").sum()).exp().alias("token_perplexity")))
+
+
 def score_groups(results: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Counts, token statistics and reference scores per group of `keys` (null keys form a group)."""
-    if "reference" not in results.columns:
-        results = results.with_columns(pl.lit(None, dtype=pl.String).alias("reference"))
+    """Counts, token statistics, reference, multiple-choice and perplexity scores per group of `keys`
+    (null keys form a group)."""
+    results = _typed(results)
     failed = pl.col("finish_reason") == "error"
+    counted = ~failed & GENERATED
     counts = results.group_by(keys, maintain_order=True).agg(
         pl.len().cast(pl.Int64).alias("requests"),
         failed.sum().cast(pl.Int64).alias("errors"),
-        pl.col("output_tokens").filter(~failed).mean().cast(pl.Float64).alias("mean_output_tokens"),
-        pl.col("output_tokens").filter(~failed).quantile(0.95, "linear").cast(pl.Float64).alias("p95_output_tokens"),
+        pl.col("output_tokens").filter(counted).mean().cast(pl.Float64).alias("mean_output_tokens"),
+        pl.col("output_tokens").filter(counted).quantile(0.95, "linear").cast(pl.Float64).alias("p95_output_tokens"),
     ).with_columns((pl.col("errors") / pl.col("requests")).alias("error_rate"))
-    scores = [{**dict(zip(keys, key)), **_scores(group)}
+    scores = [{**dict(zip(keys, key)), **_reference_scores(group)}
               for key, group in results.group_by(keys, maintain_order=True)]
     schema = {**{k: results.schema[k] for k in keys}, "exact_match": pl.Float64, "chrf": pl.Float64}
-    return counts.join(pl.DataFrame(scores, schema=schema), on=keys, how="left", nulls_equal=True)
+    for part in (pl.DataFrame(scores, schema=schema), _choice_scores(results, keys), _perplexities(results, keys)):
+        counts = counts.join(part, on=keys, how="left", nulls_equal=True)
+    return counts
 
 
 def compute_adapter_metrics(results: pl.DataFrame, date: str) -> pl.DataFrame:
     """One row per adapter: date, adapter_id, adapter_label, task (the adapter's tasks, comma-joined,
-    null without a task column), requests, errors, error_rate, mean/p95 output tokens, exact_match, chrf."""
-    # all-null columns read back as dtype Null; a table without tasks has none to list
-    results = results.with_columns(pl.col(c).cast(pl.String) if c in results.columns
-                                   else pl.lit(None, dtype=pl.String).alias(c) for c in ("adapter_id", "task"))
+    null without a task column), requests, errors, error_rate, mean/p95 output tokens, exact_match, chrf,
+    questions, acc, acc_norm, word_perplexity, token_perplexity."""
+    results = _typed(results)
     tasks = (results.filter(pl.col("task").is_not_null()).group_by("adapter_id")
              .agg(pl.col("task").unique().sort().str.join(",")))
     metrics = score_groups(results, ["adapter_id"]).join(tasks, on="adapter_id", how="left", nulls_equal=True)
@@ -73,6 +129,7 @@ def compute_adapter_metrics(results: pl.DataFrame, date: str) -> pl.DataFrame:
         pl.lit(date).alias("date"), "adapter_id",
         pl.col("adapter_id").fill_null(BASE_LABEL).alias("adapter_label"), "task",
         "requests", "errors", "error_rate", "mean_output_tokens", "p95_output_tokens", "exact_match", "chrf",
+        "questions", "acc", "acc_norm", "word_perplexity", "token_perplexity",
     ).sort("adapter_label")
 
 
@@ -82,12 +139,15 @@ def compare_with_previous(current: pl.DataFrame, previous: pl.DataFrame | None, 
     are not regressed."""
     if previous is None:
         previous = current.clear()
+    # metrics of nights before a score existed lack its column
+    current, previous = (frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(m) for m in SCORES
+                                            if m not in frame.columns) for frame in (current, previous))
     prev = previous.select(
         "adapter_id", pl.col("date").alias("prev_date"), *[pl.col(m).alias(f"prev_{m}") for m in SCORES])
     out = current.join(prev, on="adapter_id", how="left", nulls_equal=True)
     out = out.with_columns((pl.col(m) - pl.col(f"prev_{m}")).alias(f"delta_{m}") for m in SCORES)
-    worse = [((-pl.col(f"delta_{m}") if HIGHER_IS_BETTER[m] else pl.col(f"delta_{m}")) / SCORE_SCALE[m] > margin)
-             .fill_null(False).alias(m) for m in SCORES]
+    worse = [((-pl.col(f"delta_{m}") if HIGHER_IS_BETTER[m] else pl.col(f"delta_{m}"))
+              / (SCORE_SCALE[m] or pl.col(f"prev_{m}")) > margin).fill_null(False).alias(m) for m in SCORES]
     names = pl.concat_list([pl.when(w).then(pl.lit(m)) for w, m in zip(worse, SCORES)]).list.drop_nulls()
     return out.with_columns(names.list.len().gt(0).alias("regressed"), names.list.join(",").alias("regressed_metrics"))
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.adapters import ADAPTER_ID
-from engine.request import Request, RequestOutput, SamplingParams
+from engine.request import MAX_LOGPROBS, Request, RequestOutput, SamplingParams
 from pipeline.batch_files import read_batch_file
 from pipeline.chat import message_problems
 from pipeline.schema import REQUEST_COLUMNS, RESULT_COLUMNS, TableError
@@ -173,13 +173,15 @@ def _row_problems(row: dict, number: int) -> list[str]:
         elif not all(_is_int(t) and t >= 0 for t in token_ids):
             problems.append("prompt_token_ids has null or negative ids: token ids must be integers >= 0")
     elif not isinstance(prompt, str) or not prompt:
-        problems.append("prompt is null or empty: give a non-empty prompt (or prompt_token_ids)")
+        if not _is_scored(row):    # a scored row's empty prompt is the prefix token (engine/scoring.py)
+            problems.append("prompt is null or empty: give a non-empty prompt (or prompt_token_ids)")
     checks = [
         ("max_new_tokens", _is_int, lambda v: v >= 1, "an integer >= 1 (null = the run's default)"),
         ("temperature", _is_number, lambda v: v >= 0, "a number >= 0 (0 or null = greedy)"),
         ("top_p", _is_number, lambda v: 0 < v <= 1, "a number in (0, 1] (null = 1)"),
         ("top_k", _is_int, lambda v: v >= 0, "an integer >= 0 (0 or null = off)"),
         ("seed", _is_int, lambda v: True, "an integer (null = derived from request_id)"),
+        ("logprobs", _is_int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS} (null = none)"),
     ]
     for name, has_type, in_range, wanted in checks:
         value = row.get(name)
@@ -188,6 +190,28 @@ def _row_problems(row: dict, number: int) -> list[str]:
     stop = row.get("stop")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         problems.append(f"stop = {stop!r} is invalid: it must be a list of non-empty strings (null = none)")
+    return problems + _scoring_problems(row)
+
+
+def _is_scored(row: dict) -> bool:
+    return row.get("continuation") is not None or row.get("continuation_token_ids") is not None
+
+
+def _scoring_problems(row: dict) -> list[str]:
+    """What is wrong with a scored row's continuation (nothing, for a row that generates)."""
+    if not _is_scored(row):
+        return []
+    text, ids = row.get("continuation"), row.get("continuation_token_ids")
+    problems = []
+    if text is not None and ids is not None:
+        problems.append("the row gives both continuation and continuation_token_ids: give one of them")
+    if text == "" or ids == []:
+        problems.append("the continuation is empty: give the text (or token ids) to score, or null to generate")
+    if ids and not all(_is_int(t) and t >= 0 for t in ids):
+        problems.append("continuation_token_ids has null or negative ids: token ids must be integers >= 0")
+    if row.get("max_new_tokens") is not None:
+        problems.append("the row has both max_new_tokens and a continuation: a row with a continuation is scored, "
+                        "not generated; drop max_new_tokens (or the continuation, to generate)")
     return problems
 
 
@@ -204,4 +228,5 @@ def _request(row: dict, default_max_new_tokens: int) -> Request:
         seed=row.get("seed"),
         stop=value("stop", []),
     )
-    return Request(row["request_id"], row.get("adapter_id"), row.get("prompt"), row.get("prompt_token_ids"), sampling)
+    return Request(row["request_id"], row.get("adapter_id"), row.get("prompt"), row.get("prompt_token_ids"), sampling,
+                   row.get("continuation"), row.get("continuation_token_ids"), row.get("logprobs"))

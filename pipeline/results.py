@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.request import RequestOutput
-from pipeline.schema import RESULT_SCHEMA
+from pipeline.schema import RESULT_SCHEMA, SCORING_COLUMNS
 from pipeline.storage import create_exclusive, filesystem, join, publish, visible_files
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class ShardWriter:
             "error": [o.error for o in outputs],
             "base_model": [self.base_model] * len(outputs),
             "adapter_sha256": [o.adapter_sha256 for o in outputs],
+            **{name: [getattr(o, name) for o in outputs] for name in SCORING_COLUMNS},
             "run_id": [self.run_id] * len(outputs),
             "completed_at": [t for _, t in self.buffer],
         }

@@ -20,6 +20,7 @@ from engine.loader import load_model_args, read_json
 from engine.model import ModelArgs
 from engine.model_runner import pool_geometry
 from engine.request import Request, RequestOutput
+from engine.scoring import encode_request
 from engine.tokenizer import Tokenizer
 from pipeline.chat import ChatError, ChatPrompts
 from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
@@ -30,7 +31,8 @@ LOG = logging.getLogger("lorafleet")
 LOG_EVERY_S = 10.0
 # RunSummary fields taken as they are from the engine's stats
 ENGINE_FIELDS = ("prompt_tokens", "output_tokens", "adapter_loads", "adapter_bytes_loaded", "peak_pool_pages_used",
-                 "pool_pages", "preemptions", "mean_adapters_per_decode_step")
+                 "pool_pages", "preemptions", "mean_adapters_per_decode_step", "scored_tokens",
+                 "prefill_tokens_requested", "prefill_tokens_computed")
 
 
 class RunNotStarted(Exception):
@@ -54,6 +56,9 @@ class RunSummary:
     pool_pages: int = 0
     preemptions: int = 0
     mean_adapters_per_decode_step: float = 0.0
+    scored_tokens: int = 0         # continuation tokens of scored rows
+    prefill_tokens_requested: int = 0
+    prefill_tokens_computed: int = 0   # fewer than requested where scored rows shared their prompt's pages
     started_at: float = 0.0        # unix time
     wall_s: float = 0.0
     output_tokens_per_s: float = 0.0
@@ -67,7 +72,8 @@ class RunSummary:
         adapters), pool figures are per GPU (the largest), wall time spans the first start to the last end."""
         total = cls(parts[0].run_id, parts[0].output_url, duplicates=parts[0].duplicates)
         for name in ("rows_ok", "rows_failed", "rows_skipped", "prompt_tokens", "output_tokens", "distinct_adapters",
-                     "adapter_loads", "adapter_bytes_loaded", "preemptions"):
+                     "adapter_loads", "adapter_bytes_loaded", "preemptions", "scored_tokens",
+                     "prefill_tokens_requested", "prefill_tokens_computed"):
             setattr(total, name, sum(getattr(p, name) for p in parts))
         total.peak_pool_pages_used = max(p.peak_pool_pages_used for p in parts)
         total.pool_pages = max(p.pool_pages for p in parts)
@@ -82,7 +88,10 @@ class RunSummary:
         return [f"rows ok {self.rows_ok:,}  failed {self.rows_failed:,}  skipped (already done) {self.rows_skipped:,}"
                 + (f"  duplicate ids {len(self.duplicates):,}" if self.duplicates else ""),
                 f"tokens: prompt {self.prompt_tokens:,}  output {self.output_tokens:,}  "
-                f"({self.output_tokens_per_s:,.1f} output tokens/s)",
+                f"({self.output_tokens_per_s:,.1f} output tokens/s)"
+                + (f"  scored {self.scored_tokens:,}" if self.scored_tokens else ""),
+                f"prefill tokens: computed {self.prefill_tokens_computed:,} of {self.prefill_tokens_requested:,} "
+                "requested (the rest read from shared prompt pages)",
                 f"adapters: {self.distinct_adapters:,} distinct, {self.adapter_loads:,} loads, "
                 f"{self.adapter_bytes_loaded / 2**20:,.1f} MiB loaded, "
                 f"{self.mean_adapters_per_decode_step:.1f} per decode step",
@@ -119,8 +128,8 @@ def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, 
 
 
 def _plan_items(requests: list[Request], prompt_lens: dict[str, int]) -> list[PlanItem]:
-    return [PlanItem(r.request_id, r.adapter_id, prompt_lens[r.request_id], r.sampling.max_new_tokens)
-            for r in requests]
+    return [PlanItem(r.request_id, r.adapter_id, prompt_lens[r.request_id],
+                     0 if r.is_scored else r.sampling.max_new_tokens) for r in requests]
 
 
 def _shard_requests(requests: list[Request], prompt_lens: dict[str, int], shard: AdapterShard) -> list[Request]:
@@ -132,21 +141,23 @@ def _shard_requests(requests: list[Request], prompt_lens: dict[str, int], shard:
 
 
 def _tokenize(config: EngineConfig, tokenizer: Tokenizer, parsed: ParsedRequests) -> dict[str, int]:
-    """Tokenize once, here: the plan needs prompt lengths and the engine then uses the ids as given. A chat
-    row is rendered with its chat template first; one that cannot be moves to parsed.rejected."""
+    """Tokenize once, here: the plan needs prompt lengths (with a scored row's continuation) and the engine then
+    uses the ids as given. A chat row is rendered with its chat template first; one that cannot be moves to
+    parsed.rejected."""
     chats = ChatPrompts(tokenizer, config.model, config.adapters, config.storage_options) if parsed.messages else None
     ready = []
     for r in parsed.requests:
         try:
             if r.request_id in parsed.messages:
                 r.prompt_token_ids = chats.token_ids(parsed.messages[r.request_id], r.adapter_id)
-            elif r.prompt_token_ids is None:
-                r.prompt_token_ids = tokenizer.encode(r.prompt)
+            r.prompt_token_ids, continuation = encode_request(tokenizer, r)
+            if r.is_scored:
+                r.continuation_token_ids = continuation
             ready.append(r)
         except ChatError as e:
             parsed.rejected.append(RequestOutput.failed(r, str(e)))
     parsed.requests = ready
-    return {r.request_id: len(r.prompt_token_ids) for r in ready}
+    return {r.request_id: len(r.prompt_token_ids) + len(r.continuation_token_ids or ()) for r in ready}
 
 
 def _read(config: EngineConfig, requests_url: str) -> ParsedRequests:

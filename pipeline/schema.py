@@ -51,7 +51,14 @@ REQUEST_COLUMNS = {
     "messages": (_is_messages, MESSAGES, "list of {role: string, content: string}"),
     # why a line of a batch file cannot be a request (pipeline/batch_files.py); the row fails with it
     "input_error": (_is_string, pa.string(), "string"),
+    # scored rows (engine/scoring.py) and per-token log-probs
+    "continuation": (_is_string, pa.string(), "string"),
+    "continuation_token_ids": (lambda t: _is_list_of(t, pa.types.is_integer), pa.list_(pa.int64()),
+                               "list of integers"),
+    "logprobs": (pa.types.is_integer, pa.int64(), "integer"),
 }
+
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
 
 RESULT_SCHEMA = pa.schema([
     pa.field("request_id", pa.string()),
@@ -64,7 +71,14 @@ RESULT_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("base_model", pa.string()),
     pa.field("adapter_sha256", pa.string()),
+    # null unless the row was scored / asked for logprobs
+    pa.field("continuation_logprob", pa.float64()),
+    pa.field("continuation_tokens", pa.int32()),
+    pa.field("is_greedy", pa.bool_()),
+    pa.field("token_logprobs", pa.list_(pa.float32())),
+    pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
     pa.field("run_id", pa.string()),
     pa.field("completed_at", pa.timestamp("us", tz="UTC")),
 ])
 RESULT_COLUMNS = RESULT_SCHEMA.names
+SCORING_COLUMNS = ("continuation_logprob", "continuation_tokens", "is_greedy", "token_logprobs", "top_logprobs")

@@ -34,7 +34,8 @@ def test_keys_cover_full_pages_before_the_last_prompt_token_and_depend_on_adapte
 
 def test_siblings_share_pages_and_the_last_holder_frees_them():
     pool = make_pool()
-    first, second, other = scored(list(range(10))), scored(list(range(10)), (8, 9)), scored(list(range(10)), adapter="b")
+    first, second = scored(list(range(10))), scored(list(range(10)), (8, 9))
+    other = scored(list(range(10)), adapter="b")
     for seq in (first, second, other):
         assert pool.can_allocate_kv(seq)
         pool.allocate_kv(seq)

@@ -217,3 +217,13 @@ def test_text_and_id_forms_of_one_question_score_alike(llama_fleet):
     assert {o.continuation_logprob for o in outputs.values()} == {outputs["ids"].continuation_logprob}
     assert outputs["text"].output_text == "w4 w5" and outputs["ids"].output_text == "w4 w5"   # as given, or decoded
     assert all(o.output_token_ids == [8, 9] and o.prompt_tokens == 4 for o in outputs.values())
+
+
+def test_triton_kernels_score_as_the_references_do(llama_fleet):
+    """The paged prefill kernel after shared pages, and the rest of the Triton set, under the interpreter."""
+    requests = question_requests(["r8-qv"], seed=4)[:10]
+    by_kernels = {kernels: {o.request_id: o for o in make_engine(llama_fleet, kernels=kernels).generate(requests)}
+                  for kernels in ("torch", "triton")}
+    for rid, out in by_kernels["torch"].items():
+        assert by_kernels["triton"][rid].continuation_logprob == pytest.approx(out.continuation_logprob, abs=ATOL)
+        assert by_kernels["triton"][rid].is_greedy == out.is_greedy
