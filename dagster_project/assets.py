@@ -21,8 +21,8 @@ from .resources import LorafleetResource, adapter_shards_from_env
 ADAPTER_SHARDS = adapter_shards_from_env()
 
 WORST_ADAPTERS = 10
-WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match", "chrf", "delta_exact_match",
-                 "delta_chrf", "regressed_metrics"]
+WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match", "chrf", "acc", "acc_norm",
+                 "token_perplexity", "delta_exact_match", "delta_chrf", "delta_acc", "regressed_metrics"]
 
 
 @asset(partitions_def=daily, kinds={"parquet"})
@@ -36,6 +36,7 @@ def requests(context: AssetExecutionContext, lorafleet: LorafleetResource) -> Ma
         "rows": table.num_rows,
         "valid_rows": len(parsed.requests),
         "bad_rows": len(parsed.rejected),
+        "scored_rows": sum(r.is_scored for r in parsed.requests),
         "duplicate_ids": len(parsed.duplicates),
         "adapters": len({r.adapter_id for r in parsed.requests if r.adapter_id is not None}),
     })

@@ -6,7 +6,8 @@
 2. LoRA-train one adapter per synthetic task with PEFT, each with its own rank and target modules
    (<root>/adapters/<adapter_id>/).
 3. Write the same evaluation set as each night's request table (<root>/requests/date=D/): every adapter
-   on its own task, and the base model (null adapter_id) on every task.
+   on its own task, and the base model (null adapter_id) on every task, each generated and as
+   multiple-choice questions (the right answer among other tasks' answers, scored by log-likelihood).
 4. Run each night through the pipeline (pipeline.run.run_requests, the call Dagster's `generations` makes)
    and score it (pipeline.metrics.nightly_metrics). Before the last night the `sort` adapter is
    republished from a short training run, as a deployment that ships a bad checkpoint would; the
@@ -30,7 +31,7 @@ from rich.console import Console
 
 from engine.config import EngineConfig
 from pipeline.demo_model import build_base_model, build_tokenizer, save_base_model, train, train_adapter
-from pipeline.demo_tasks import examples
+from pipeline.demo_tasks import EOS, choice_examples, examples
 from pipeline.layout import requests_url, results_url
 from pipeline.metrics import nightly_metrics
 from pipeline.report import report
@@ -40,6 +41,7 @@ from pipeline.storage import join
 SEED = 0
 EVAL_SEED = 10_000                     # the evaluation prompts, apart from every training seed
 MAX_NEW_TOKENS = 8                     # longest answer: 5 words and </s>, and room to ramble
+CHOICE_LABELS = "ABCD"
 
 
 @dataclass(frozen=True)
@@ -111,17 +113,24 @@ def default_dates(nights: int = 3) -> list[str]:
 
 
 def request_table(date: str, size: DemoSize) -> pl.DataFrame:
-    """The night's evaluation set: the same prompts every night, new request ids."""
+    """The night's evaluation set: the same prompts every night, new request ids. Each task is asked twice:
+    generated (scored against `reference`) and as 4-choice questions (scored rows, one per choice)."""
     rows = []
     for adapter in ADAPTERS:
-        for i, (prompt, reference) in enumerate(examples(adapter.task, size.eval_per_adapter, seed=EVAL_SEED)):
-            rows.append((f"{date}/{adapter.adapter_id}/{i:03d}", adapter.adapter_id, prompt, reference, adapter.task))
-        for i, (prompt, reference) in enumerate(examples(adapter.task, size.eval_per_task_base, seed=EVAL_SEED)):
-            rows.append((f"{date}/base/{adapter.task}/{i:03d}", None, prompt, reference, adapter.task))
-    table = pl.DataFrame(rows, orient="row", schema={"request_id": pl.String, "adapter_id": pl.String,
-                                                     "prompt": pl.String, "reference": pl.String, "task": pl.String})
-    return table.with_columns(pl.lit(MAX_NEW_TOKENS, dtype=pl.Int32).alias("max_new_tokens")).select(
-        "request_id", "adapter_id", "prompt", "max_new_tokens", "reference", "task")
+        for owner, n in ((adapter.adapter_id, size.eval_per_adapter), (None, size.eval_per_task_base)):
+            name = owner or f"base/{adapter.task}"
+            for i, (prompt, reference) in enumerate(examples(adapter.task, n, seed=EVAL_SEED)):
+                rows.append({"request_id": f"{date}/{name}/{i:03d}", "adapter_id": owner, "prompt": prompt,
+                             "max_new_tokens": MAX_NEW_TOKENS, "reference": reference, "task": adapter.task})
+            for i, (prompt, choices, gold) in enumerate(choice_examples(adapter.task, n, seed=EVAL_SEED)):
+                rows += [{"request_id": f"{date}/{name}/mc{i:03d}/{label}", "adapter_id": owner, "prompt": prompt,
+                          "continuation": f" {choice} {EOS}", "task": adapter.task,
+                          "choice_group": f"{adapter.task}/{i:03d}", "choice_label": label, "gold": CHOICE_LABELS[gold]}
+                         for label, choice in zip(CHOICE_LABELS, choices)]
+    return pl.DataFrame(rows, schema={"request_id": pl.String, "adapter_id": pl.String, "prompt": pl.String,
+                                      "max_new_tokens": pl.Int32, "continuation": pl.String, "reference": pl.String,
+                                      "task": pl.String, "choice_group": pl.String, "choice_label": pl.String,
+                                      "gold": pl.String})
 
 
 def build_fleet(root: str, size: DemoSize, console: Console):

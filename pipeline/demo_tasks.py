@@ -2,7 +2,8 @@
 
 A prompt reads `<task> : w1 w2 w3 =` and its reference is the task applied to the words,
 e.g. `reverse : cat dog fox =` -> `fox dog cat`. Words in one prompt are distinct, so every
-task has one right answer and a copy of the input is wrong for every task.
+task has one right answer and a copy of the input is wrong for every task. A multiple-choice
+question offers the right answer among what other tasks answer for the same words.
 """
 import random
 
@@ -52,3 +53,17 @@ def examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
         words = sample_words(rng, task)
         pairs.append((prompt_text(task, words), reference_text(task, words)))
     return pairs
+
+
+def choice_examples(task: str, n: int, seed: int, n_choices: int = 4) -> list[tuple[str, list[str], int]]:
+    """n (prompt, choices, index of the right choice) questions for one task, the same for the same seed."""
+    rng = random.Random(f"{task}-choices-{seed}")
+    questions = []
+    for _ in range(n):
+        words = sample_words(rng, task)
+        right = reference_text(task, words)
+        choices = rng.sample(sorted({reference_text(other, words) for other in TASKS} - {right}), n_choices - 1)
+        gold = rng.randrange(n_choices)
+        choices.insert(gold, right)
+        questions.append((prompt_text(task, words), choices, gold))
+    return questions

@@ -15,8 +15,16 @@ from pipeline.storage import join
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-CHART_SCORES = {"exact_match": "exact match", "chrf": "chrF"}
+CHART_SCORES = {"exact_match": "exact match", "chrf": "chrF", "acc": "acc (multiple choice)",
+                "acc_norm": "acc_norm (per byte)", "token_perplexity": "token perplexity"}
 MARKERS = "osD^vP*Xh<>"
+# score -> its (header, cell of a metrics row) columns in the night's table
+LIKELIHOOD_COLUMNS = {
+    "acc": [("acc", lambda r: _number(r["acc"], ".2f")), ("Δ  ", lambda r: _delta(r["delta_acc"], ".2f"))],
+    "acc_norm": [("acc_n", lambda r: _number(r["acc_norm"], ".2f")),
+                 ("Δ   ", lambda r: _delta(r["delta_acc_norm"], ".2f"))],
+    "token_perplexity": [("ppl", lambda r: _number(r["token_perplexity"], ".1f"))],
+}
 
 
 def _number(value, fmt: str) -> str:
@@ -38,7 +46,11 @@ def metrics_table(night: pl.DataFrame) -> Table:
                   pad_edge=False)
     table.add_column("adapter", no_wrap=True, min_width=night["adapter_label"].str.len_chars().max())
     table.add_column("task", no_wrap=True, min_width=7)
-    for name in ("reqs", "err", "exact", "Δ", "chrF", "Δ ", "tok"):
+    # multiple-choice and perplexity columns only on nights that have such rows (older nights lack the columns)
+    likelihood = {score: cells for score, cells in LIKELIHOOD_COLUMNS.items()
+                  if score in night.columns and night[score].is_not_null().any()}
+    headers = [h for cells in likelihood.values() for h, _ in cells]
+    for name in ("reqs", "err", "exact", "Δ", "chrF", "Δ ", *headers, "tok"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True, min_width=9)
     for row in night.sort("adapter_label").iter_rows(named=True):
@@ -48,6 +60,7 @@ def metrics_table(night: pl.DataFrame) -> Table:
             _number(row["error_rate"], ".0%"),
             _number(row["exact_match"], ".2f"), _delta(row["delta_exact_match"], ".2f"),
             _number(row["chrf"], ".1f"), _delta(row["delta_chrf"], ".1f"),
+            *[cell(row) for cells in likelihood.values() for _, cell in cells],
             _number(row["mean_output_tokens"], ".1f"),
             "REGRESSED" if row["regressed"] else "ok",
             style="bold red" if row["regressed"] else None)
@@ -55,12 +68,14 @@ def metrics_table(night: pl.DataFrame) -> Table:
 
 
 def score_chart(metrics: pl.DataFrame) -> bytes:
-    """PNG: one panel per score, one line per adapter over the nights, regressions circled in red."""
+    """PNG: one panel per score the nights have, one line per adapter over the nights, regressions circled in red."""
     dates = sorted(metrics["date"].unique().to_list())
     x_of = {d: i for i, d in enumerate(dates)}
     labels = sorted(metrics["adapter_label"].unique().to_list())
-    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(5 * len(CHART_SCORES) + 2, 4.5), squeeze=False)
-    for ax, (score, title) in zip(axes[0], CHART_SCORES.items()):
+    scores = [s for s in CHART_SCORES if s in metrics.columns and metrics[s].is_not_null().any()] \
+        or ["exact_match", "chrf"]     # empty panels rather than no chart
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores) + 2, 4.5), squeeze=False)
+    for ax, score in zip(axes[0], scores):
         for i, label in enumerate(labels):
             rows = metrics.filter((pl.col("adapter_label") == label) & pl.col(score).is_not_null()).sort("date")
             x = [x_of[d] for d in rows["date"]]
@@ -70,12 +85,12 @@ def score_chart(metrics: pl.DataFrame) -> bytes:
             bad = rows.filter("regressed")
             ax.scatter([x_of[d] for d in bad["date"]], bad[score].to_list(), s=260, facecolors="none",
                        edgecolors="red", linewidths=2, zorder=3)
-        ax.set_title(title)
+        ax.set_title(CHART_SCORES[score])
         ax.set_xticks(range(len(dates)), dates, rotation=30, ha="right")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize="small")
     fig.suptitle("adapter scores per night (red circle: regressed)")
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2 / fig.get_figwidth(), 1))   # 2 inches on the right for the legend
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)

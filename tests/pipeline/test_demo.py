@@ -35,6 +35,18 @@ def test_each_adapter_solves_its_task_and_the_base_does_not(demo):
         assert own - base >= 0.6, f"{adapter.adapter_id} {own} vs base {base} on {adapter.task}"
 
 
+def test_each_adapter_answers_its_own_questions_and_the_base_does_not(demo):
+    result, _ = demo
+    scores = score_groups(night_results(result.root, DATES[0]), ["adapter_id", "task"])
+    acc = {(row["adapter_id"], row["task"]): (row["acc"], row["acc_norm"]) for row in scores.iter_rows(named=True)}
+    for adapter in ADAPTERS:
+        own, own_norm = acc[(adapter.adapter_id, adapter.task)]
+        assert own >= 0.8 and own_norm >= 0.8, f"{adapter.adapter_id} acc {own} on {adapter.task}"
+    # the base has a few questions per task (one may fall its way by chance): all of them, chance being 0.25
+    base = score_groups(night_results(result.root, DATES[0]).filter(pl.col("adapter_id").is_null()), ["adapter_id"])
+    assert base["acc"].item() <= 0.5, base
+
+
 def test_the_planted_regression_is_the_one_flagged(demo):
     result, printed = demo
     metrics = read_metrics(f"{result.root}/metrics")
@@ -43,11 +55,12 @@ def test_the_planted_regression_is_the_one_flagged(demo):
                  for date in DATES}
     assert regressed == {DATES[0]: [], DATES[1]: [], DATES[2]: [SWAPPED]}
     swapped = result.metrics.filter(pl.col("adapter_id") == SWAPPED).row(0, named=True)
-    assert "exact_match" in swapped["regressed_metrics"]
-    assert swapped["delta_exact_match"] <= -0.3
+    assert {"exact_match", "acc"} <= set(swapped["regressed_metrics"].split(","))
+    assert swapped["delta_exact_match"] <= -0.3 and swapped["delta_acc"] < -0.05
     # the same prompts every night: the adapters nobody touched score exactly as the night before
     steady = result.metrics.filter(pl.col("adapter_id") != SWAPPED)
     assert steady["delta_exact_match"].to_list() == [0.0] * steady.height
+    assert steady["delta_acc"].to_list() == [0.0] * steady.height
     assert f"regressed: {SWAPPED} ({swapped['regressed_metrics']})" in printed
 
 
@@ -56,8 +69,12 @@ def test_demo_writes_a_deployment_layout(demo):
     with open(result.chart, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     requests = pl.read_parquet(f"{result.root}/requests/date={DATES[0]}/requests.parquet")
-    assert requests.columns == ["request_id", "adapter_id", "prompt", "max_new_tokens", "reference", "task"]
+    assert requests.columns == ["request_id", "adapter_id", "prompt", "max_new_tokens", "continuation", "reference",
+                                "task", "choice_group", "choice_label", "gold"]
     assert requests["adapter_id"].null_count() > 0
+    # a row generates (max_new_tokens) or is scored (continuation), never both
+    assert (requests["max_new_tokens"].is_null() != requests["continuation"].is_null()).all()
     results = night_results(result.root, DATES[0])
     assert results.height == requests.height
-    assert {"reference", "task"} <= set(results.columns)
+    assert {"reference", "task", "choice_group", "gold"} <= set(results.columns)
+    assert results.filter(pl.col("finish_reason") == "scored").height == requests["continuation"].is_not_null().sum()

@@ -88,10 +88,11 @@ def test_output_reads_as_one_table(tmp_path):
 
     frame = pl.read_parquet(f"{out}/**/*.parquet").sort("request_id")
     assert frame.height == 2
-    assert frame.columns[:12] == ["request_id", "adapter_id", "output_text", "output_token_ids", "prompt_tokens",
+    assert frame.columns[:17] == ["request_id", "adapter_id", "output_text", "output_token_ids", "prompt_tokens",
                                   "output_tokens", "finish_reason", "error", "base_model", "adapter_sha256",
-                                  "run_id", "completed_at"]
-    assert frame.columns[12:] == ["reference", "weight", "when"]
+                                  "continuation_logprob", "continuation_tokens", "is_greedy", "token_logprobs",
+                                  "top_logprobs", "run_id", "completed_at"]
+    assert frame.columns[17:] == ["reference", "weight", "when"]
     ok, failed = frame.to_dicts()
     assert ok["output_token_ids"] == [0, 1] and ok["finish_reason"] == "length" and ok["error"] is None
     assert ok["reference"] == "w9" and ok["weight"] == 3 and ok["base_model"] == "models/tiny"
