@@ -5,6 +5,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.attention_tiles import online_softmax_step, paged_kv_tile
+
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, cu_seqlens: torch.Tensor, context_lens: torch.Tensor,
@@ -67,22 +69,10 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr,
     for n0 in range(0, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < n_ctx
-        # a tile may span pages: look up each position's page, so block_size need not match BLOCK_N
-        pages = tl.load(block_tables_ptr + seq * max_blocks + pos // block_size, mask=pos_mask, other=0)
-        in_page = pos % block_size
-        kv_mask = pos_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + pages[:, None].to(tl.int64) * stride_kp + in_page[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_ptr + pages[:, None].to(tl.int64) * stride_vp + in_page[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [M, N]
-        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v = paged_kv_tile(k_ptr, v_ptr, block_tables_ptr + seq * max_blocks, pos, pos_mask, block_size, kv_head,
+                             dims, dim_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
+        m_i, l_i, acc = online_softmax_step(q, k, v, pos[None, :] <= q_pos[:, None], m_i, l_i, acc, qk_scale,
+                                            DOT_PRECISION)
     out = acc / l_i[:, None]                                                      # position 0 is always visible
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & dim_mask[None, :])

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.attention_tiles import online_softmax_step
+
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           max_seqlen: int, scale: float) -> torch.Tensor:
@@ -54,14 +56,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, scale, head_di
         kv_rows = (seq_start + kv_pos).to(tl.int64)[:, None]
         k = tl.load(k_ptr + kv_rows * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_rows * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale      # [M, N]
-        s = tl.where(kv_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, kv_pos[None, :] <= q_pos[:, None], m_i, l_i, acc, qk_scale,
+                                            DOT_PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & dim_mask[None, :])
