@@ -64,8 +64,7 @@ def read_batch_file(fs, path: str, base_model_name: str | None = None) -> pa.Tab
             rows.append(_failed_row(record, f"line {number} of {name}: {e}"))
     if rows and not objects:
         raise TableError(f"{name}: not a JSON Lines file (no line is a JSON object); give one request object a line")
-    schema = pa.schema([(c, cast_to) for c, (_, cast_to, _) in REQUEST_COLUMNS.items()]
-                       + ([] if "logprobs" in REQUEST_COLUMNS else [("logprobs", pa.int64())]) + PASS_THROUGH)
+    schema = pa.schema([(c, cast_to) for c, (_, cast_to, _) in REQUEST_COLUMNS.items()] + PASS_THROUGH)
     return pa.Table.from_pylist(rows, schema=schema)
 
 

@@ -161,10 +161,7 @@ def result_rows(base_model: str) -> list[dict]:
 
 
 def write_results(folder, rows: list[dict]) -> None:
-    alternative = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
-    schema = pa.schema(list(RESULT_SCHEMA) + [("openai_url", pa.string()), ("openai_model", pa.string()),
-                                              ("token_logprobs", pa.list_(pa.float32())),
-                                              ("top_logprobs", pa.list_(pa.list_(alternative)))])
+    schema = pa.schema(list(RESULT_SCHEMA) + [("openai_url", pa.string()), ("openai_model", pa.string())])
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-000000.parquet")
 
