@@ -2,7 +2,7 @@
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import compress
 from dataclasses import asdict, dataclass
 
@@ -216,8 +216,10 @@ class Engine:
     def _sha256(self, seq: Sequence) -> str | None:
         return self.runner.adapters.sha256(seq.adapter_id) if seq.adapter_id else None
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        """Run requests to completion, yielding each output as soon as it finishes (in any order)."""
+    def generate(self, requests: Iterable[Request],
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[RequestOutput]:
+        """Run requests to completion, yielding each output as soon as it finishes (in any order); return early,
+        between two steps, once should_stop() says so (leaving the rest unfinished)."""
         seqs = []
         for request in requests:
             seq = self._sequence(request)
@@ -228,7 +230,7 @@ class Engine:
         for seq in siblings_together(seqs):   # the choices of a question in one batch: they share its prompt
             self.scheduler.add(seq)
         started = time.perf_counter()
-        while not self.scheduler.is_finished():
+        while not self.scheduler.is_finished() and not should_stop():
             yield from self.step()
         log.info("engine done in %.1fs: %s", time.perf_counter() - started, self.stats)
 

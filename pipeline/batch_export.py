@@ -12,12 +12,10 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 
-import pyarrow.parquet as pq
-
 from engine.tokenizer import Tokenizer
 from pipeline.batch_files import CHAT
 from pipeline.results import ResultStore
-from pipeline.storage import filesystem, publish
+from pipeline.storage import filesystem, publish, read_parquet
 
 
 class ExportError(Exception):
@@ -45,8 +43,7 @@ def export_openai_batch(results_url: str, output_url: str, storage_options: dict
 
 def _rows(store: ResultStore, paths: list[str]) -> Iterator[dict]:
     for path in paths:
-        with store.fs.open(path, "rb") as f:
-            yield from pq.read_table(f).to_pylist()
+        yield from read_parquet(store.fs, path).to_pylist()
 
 
 def batch_output_line(row: dict, spell: Callable[[int, str | None], str]) -> dict:

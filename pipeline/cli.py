@@ -1,7 +1,9 @@
 """`lorafleet run | plan | report | export`: the same calls Dagster makes, for people without Dagster.
 
 Exit codes of `run`: 0 every row succeeded, 1 some rows failed (they are error rows), 2 the run could
-not start (usage, unreadable table, wrong schema, output locked, model unreadable).
+not start (usage, unreadable table, wrong schema, output locked or not writable, model unreadable), 3 the
+output stopped taking writes mid-run (disk full, turned read-only), 129 / 130 / 143 stopped by SIGHUP /
+SIGINT / SIGTERM. After 3 and 129-143 the rows committed so far stay: run the same command again to finish.
 """
 import argparse
 import json
@@ -11,10 +13,10 @@ import sys
 from engine.config import EngineConfig
 from pipeline.batch_export import ExportError, export_openai_batch
 from pipeline.plan import AdapterShard
-from pipeline.report import report
-from pipeline.results import OutputUnavailable
+from pipeline.results import OutputUnavailable, OutputWriteError
 from pipeline.run import RunNotStarted, plan_run, run_requests
 from pipeline.schema import TableError
+from pipeline.signals import RunInterrupted, StopSignals
 
 log = logging.getLogger("lorafleet")
 
@@ -80,10 +82,10 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(str(e)) from None
 
 
-def _cmd_run(args) -> int:
+def _cmd_run(args, stop: StopSignals) -> int:
     summary = run_requests(_config(args), args.requests, args.output, run_id=args.run_id,
                            adapter_shard=args.adapter_shard, progress=not args.no_progress,
-                           rows_per_shard=args.rows_per_shard)
+                           rows_per_shard=args.rows_per_shard, stop=stop)
     for line in summary.lines():
         print(line)
     return 1 if summary.rows_failed else 0
@@ -99,6 +101,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from pipeline.report import report   # here: matplotlib would double the start-up of every run and plan
     try:
         chart = report(args.root, args.date, args.png)
     except FileNotFoundError as e:   # no metrics (or none for that date): one line, no traceback
@@ -150,11 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        with StopSignals() as stop:   # other commands stop at once; run commits its finished rows first
+            return args.func(args, stop) if args.command == "run" else args.func(args)
     except (TableError, OutputUnavailable, RunNotStarted, UsageError, ExportError) as e:
         # Raised before any row ran: the run could not start. One line, no traceback.
         print(f"lorafleet: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"lorafleet: error: {e}; the rows committed before it are kept: free the space (or make the "
+              "output writable) and run the same command again", file=sys.stderr)
+        return 3
+    except RunInterrupted as e:
+        committed = (f": the rows finished so far are committed to {args.output}; run the same command again to "
+                     "finish the rest") if args.command == "run" else ""
+        print(f"lorafleet: {e}{committed}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

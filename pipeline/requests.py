@@ -5,21 +5,26 @@ fails itself: it becomes an error RequestOutput that says what is wrong and what
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.adapters import ADAPTER_ID
 from engine.request import MAX_LOGPROBS, Request, RequestOutput, SamplingParams
+from pipeline.bad_values import int64_overflow_rows, invalid_rows, null_rows
 from pipeline.batch_files import read_batch_file
 from pipeline.chat import message_problems
-from pipeline.schema import REQUEST_COLUMNS, RESULT_COLUMNS, TableError
-from pipeline.storage import filesystem, visible_files
+from pipeline.schema import PARTITION_COLUMN, REQUEST_COLUMNS, RESULT_SCHEMA, TableError
+from pipeline.storage import filesystem, read_parquet, visible_files
+
+SHOWN_IDS, SHOWN_ID_CHARS = 5, 64   # repeated request_ids named in the log and summary.json, and their length
 
 
 def read_request_table(url: str, storage_options: dict | None = None, base_model_name: str | None = None) -> pa.Table:
     """One .parquet or .jsonl (OpenAI batch) file, or every *.parquet and *.jsonl below a folder (skipping
     '_'/'.' names), as one table with the request columns cast to one type each and extra columns kept as
-    they are. base_model_name: the model name in a batch file that means the base model."""
+    they are. base_model_name: the model name in a batch file that means the base model. A value no request
+    may use (invalid UTF-8, an integer beyond int64) is replaced by null and its row gets an input_error
+    naming the column: that row alone becomes an error row."""
     fs, root = filesystem(url, storage_options)
     if fs.isdir(root):
         paths = [p for p in visible_files(fs, root) if p.endswith((".parquet", ".jsonl"))]
@@ -44,8 +49,7 @@ def _read_one(fs, path: str, base_model_name: str | None) -> pa.Table:
         table = read_batch_file(fs, path, base_model_name)
     else:
         try:
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
+            table = read_parquet(fs, path)
         except Exception as e:  # noqa: BLE001 - any failure to read is "not a request table"
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TableError(f"{name}: not a readable Parquet file ({detail})") from None
@@ -55,13 +59,20 @@ def _read_one(fs, path: str, base_model_name: str | None) -> pa.Table:
     if not {"prompt", "prompt_token_ids", "messages"} & set(columns):
         raise TableError(f"{name}: missing column 'prompt' (or 'prompt_token_ids', or 'messages'); one of them "
                          "is required")
-    for column in columns:
-        if column in RESULT_COLUMNS and column not in REQUEST_COLUMNS:
-            raise TableError(f"{name}: column '{column}' is a result column; rename it so it can pass through")
+    _check_names(name, columns)
+    problems: dict[int, list[str]] = {}   # row -> its values replaced by null, and why
     for i, f in enumerate(table.schema):
-        if pa.types.is_dictionary(f.type) and f.name not in REQUEST_COLUMNS:
-            # a Categorical pass-through column in one file and plain strings in another are one column
-            table = table.set_column(i, f.name, table[f.name].cast(f.type.value_type))
+        column = table.column(i)
+        if pa.types.is_dictionary(f.type):
+            # a Categorical column in one file and plain strings in another are one column
+            column = column.cast(f.type.value_type)
+        bad = invalid_rows(column)
+        if f.name in REQUEST_COLUMNS:   # read as int64 below
+            bad = {**int64_overflow_rows(column), **bad}
+        for row, why in bad.items():
+            problems.setdefault(row, []).append(f"{f.name} {why}")
+        if bad or pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, null_rows(column, bad) if bad else column)
     for column, (accepts, cast_to, wanted) in REQUEST_COLUMNS.items():
         if column not in columns:
             continue
@@ -73,16 +84,51 @@ def _read_one(fs, path: str, base_model_name: str | None) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             detail = str(e).splitlines()[0]
             raise TableError(f"{name}: column '{column}' cannot be read as {wanted} ({detail})") from None
-    return table
+    return _with_input_errors(table, name, problems) if problems else table
+
+
+def _with_input_errors(table: pa.Table, name: str, problems: dict[int, list[str]]) -> pa.Table:
+    """The rows with values replaced by null fail as a batch file's bad lines do: with an input_error."""
+    errors = table["input_error"].to_pylist() if "input_error" in table.column_names else [None] * table.num_rows
+    for row, why in problems.items():
+        errors[row] = "; ".join(filter(None, [errors[row], f"row {row + 1} of {name}: {'; '.join(why)}"]))
+    if "input_error" in table.column_names:
+        return table.set_column(table.column_names.index("input_error"), "input_error", pa.array(errors, pa.string()))
+    return table.append_column("input_error", pa.array(errors, pa.string()))
+
+
+def _check_names(name: str, columns: list[str]) -> None:
+    """Refuse column names that readers of the results would confuse (DuckDB matches names ignoring case): two
+    alike, a pass-through column named as a result column, or as the Hive partition column `date` of a
+    night's folder (which replaces it)."""
+    seen = {}
+    for column in columns:
+        if column.lower() in seen:
+            raise TableError(f"{name}: columns '{seen[column.lower()]}' and '{column}' have one name (names "
+                             "compare ignoring case, as DuckDB does); rename one")
+        seen[column.lower()] = column
+    taken = {c.lower(): c for c in [*RESULT_SCHEMA.names, PARTITION_COLUMN]}
+    for column in columns:
+        clash = None if column in REQUEST_COLUMNS else taken.get(column.lower())
+        if clash == PARTITION_COLUMN:
+            raise TableError(f"{name}: column '{column}' would be replaced by the results' partition column "
+                             f"'{PARTITION_COLUMN}' (date=YYYY-MM-DD folders; names compare ignoring case); "
+                             "rename it")
+        if clash is not None:
+            raise TableError(f"{name}: column '{column}' has the name of the result column '{clash}' (names "
+                             "compare ignoring case, as DuckDB does); rename it so it can pass through")
 
 
 def _cast(array: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
-    if pa.types.is_dictionary(array.type):
-        array = array.cast(array.type.value_type)
     if pa.types.is_list(to) and not pa.types.is_null(array.type) and not hasattr(array.type, "value_type"):
-        # a plain string stop column: each value becomes a one-element list
-        return pa.chunked_array([pa.array([None if s is None else [s] for s in array.to_pylist()], to)], to)
+        # a plain string stop column: each value becomes a one-element list (a null stays null)
+        return pa.chunked_array([_one_element_lists(chunk.cast(to.value_type)) for chunk in array.chunks], to)
     return array.cast(to)
+
+
+def _one_element_lists(values: pa.Array) -> pa.Array:
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values, mask=values.is_null())
 
 
 def _conflict(fs, paths: list[str], tables: list[pa.Table]) -> TableError:
@@ -100,12 +146,23 @@ def _conflict(fs, paths: list[str], tables: list[pa.Table]) -> TableError:
 
 
 @dataclass
+class PassThrough:
+    """The request table's extra columns, kept as Arrow so that any type round-trips as it is, and the row of
+    each request_id in them: a result shard takes its rows' values with one `take`."""
+    table: pa.Table = field(default_factory=lambda: pa.table({}))
+    row_of: dict[str, int] = field(default_factory=dict)
+
+    def rows(self, request_ids: list[str | None]) -> pa.Table:
+        """The extra columns of these requests, in this order; nulls for an id without a row (no request_id)."""
+        return self.table.take(pa.array([self.row_of.get(i) for i in request_ids], pa.int64()))
+
+
+@dataclass
 class ParsedRequests:
     requests: list[Request] = field(default_factory=list)          # valid rows, in table order
     rejected: list[RequestOutput] = field(default_factory=list)    # one error row per bad row
     duplicates: list[str] = field(default_factory=list)            # request_ids seen again (no row)
-    extra_columns: dict[str, dict] = field(default_factory=dict)   # request_id -> {column: value}
-    extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # their Arrow types
+    pass_through: PassThrough = field(default_factory=PassThrough)
     messages: dict[str, list[dict]] = field(default_factory=dict)  # request_id -> its chat (pipeline/chat.py)
 
 
@@ -113,18 +170,17 @@ def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedReques
     """Valid rows become Requests; each bad row becomes one error RequestOutput; a repeated
     request_id keeps its first row (valid or not) and is listed in `duplicates`."""
     extras = [c for c in table.column_names if c not in REQUEST_COLUMNS]
-    parsed = ParsedRequests(extra_schema=pa.schema([_pass_through(table.schema.field(c)) for c in extras]))
+    parsed = ParsedRequests(pass_through=PassThrough(_pass_through(table.select(extras))))
     rows = table.select([c for c in table.column_names if c in REQUEST_COLUMNS]).to_pylist()
-    extra_rows = table.select(extras).to_pylist() if extras else [{} for _ in rows]
     seen = set()
-    for number, (row, extra) in enumerate(zip(rows, extra_rows), start=1):
+    for number, row in enumerate(rows, start=1):
         request_id = row.get("request_id")
         if request_id in seen:
             parsed.duplicates.append(request_id)
             continue
         if isinstance(request_id, str) and request_id:
             seen.add(request_id)
-            parsed.extra_columns[request_id] = extra
+            parsed.pass_through.row_of[request_id] = number - 1
         problems = _row_problems(row, number)
         if problems:
             parsed.rejected.append(RequestOutput(request_id or None, row.get("adapter_id"), None, [], 0, 0, "error",
@@ -136,10 +192,24 @@ def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedReques
     return parsed
 
 
-def _pass_through(f: pa.Field) -> pa.Field:
-    """A column's type in the results. An all-null column is typed null; written as such, it would clash
-    with the same column of another night (string, say) when the nights are read as one table."""
-    return f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+def _pass_through(table: pa.Table) -> pa.Table:
+    """The extra columns as they go into the results, each nullable (a row without a request_id has none of
+    them). An all-null column is typed null; written as such, it would clash with the same column of another
+    night (string, say) when the nights are read as one table: it becomes string."""
+    fields = [pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type, True, f.metadata)
+              for f in table.schema]
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(table.columns, fields)], schema=pa.schema(fields))
+
+
+def duplicates_summary(duplicates: list[str]) -> dict:
+    """What the log and summary.json say about repeated request_ids: counts and the first few ids, each cut
+    short (50,000 copies of a 1 MB id must not become 50,000 lines or a 50 GB summary)."""
+    distinct = list(dict.fromkeys(duplicates))
+    return {"rows": len(duplicates), "ids": len(distinct), "first": [_shorten(i) for i in distinct[:SHOWN_IDS]]}
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= SHOWN_ID_CHARS else f"{text[:SHOWN_ID_CHARS]}... ({len(text):,} characters)"
 
 
 def _is_int(v) -> bool:

@@ -4,7 +4,6 @@ Layout under the output URL: part-<n>.parquet shards (the result table) and `_`-
 readers skip: `_runs/LOCK`, `_runs/<run_id>/<record>`, `_tmp/` (local temp files before their rename).
 A run of one adapter shard (pipeline.plan.AdapterShard, tag s<i>of<n>) writes part-<tag>-<n>.parquet under
 `_runs/LOCK-<tag>` and keeps its records in `_runs/<run_id>/<tag>/`, so the shards of a night run at once."""
-import io
 import json
 import logging
 import os
@@ -17,11 +16,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.request import RequestOutput
+from pipeline.requests import PassThrough
 from pipeline.schema import RESULT_SCHEMA, SCORING_COLUMNS
-from pipeline.storage import create_exclusive, filesystem, join, publish, visible_files
+from pipeline.storage import (create_exclusive, filesystem, join, parquet_bytes, probe_writable, publish, read_parquet,
+                              visible_files)
 
 log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"part-(?:(?P<tag>s\d+of\d+)-)?(?P<index>\d+)\.parquet")
@@ -43,8 +43,7 @@ class ResultStore:
         """These columns of every committed row, duplicates included (an empty table when none)."""
         tables = [RESULT_SCHEMA.empty_table().select(columns)]
         for path in self.shard_paths():
-            with self.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+            tables.append(read_parquet(self.fs, path, columns))
         return pa.concat_tables(tables, promote_options="permissive")
 
     def committed_ids(self) -> set[str]:
@@ -63,17 +62,21 @@ class ResultStore:
         return join(self.root, f"part-{tag + '-' if tag else ''}{index:06d}.parquet")
 
 
+class OutputWriteError(Exception):
+    """The output stopped taking writes mid-run (disk full, turned read-only, permission withdrawn). The shards
+    committed before it stay; str(e) is one line naming the output and the cause."""
+
+
 class ShardWriter:
     """Buffers result rows and commits them as shards: when rows_per_shard rows are buffered, when the
-    oldest buffered row has waited seconds_per_shard, and on exit (an exception included)."""
+    oldest buffered row has waited seconds_per_shard, and on exit (an exception included). The pass-through
+    columns of each row are taken from `pass_through` as Arrow, so every shard of a run has one schema."""
 
-    def __init__(self, store: ResultStore, run_id: str, base_model: str, extra_columns: dict[str, dict],
-                 rows_per_shard: int = 256, seconds_per_shard: float = 30.0, extra_schema: pa.Schema | None = None,
-                 tag: str = ""):
+    def __init__(self, store: ResultStore, run_id: str, base_model: str, pass_through: PassThrough | None = None,
+                 rows_per_shard: int = 256, seconds_per_shard: float = 30.0, tag: str = ""):
         self.store, self.run_id, self.base_model, self.tag = store, run_id, base_model, tag
-        self.extra_columns = extra_columns
-        self.extra_schema = extra_schema if extra_schema is not None else _infer_schema(extra_columns)
-        self.schema = pa.schema(list(RESULT_SCHEMA) + list(self.extra_schema))
+        self.pass_through = pass_through or PassThrough()
+        self.schema = pa.schema(list(RESULT_SCHEMA) + list(self.pass_through.table.schema))
         self.rows_per_shard, self.seconds_per_shard = rows_per_shard, seconds_per_shard
         self.next_index = store.next_shard_index(tag)
         self.buffer: list[tuple[RequestOutput, datetime]] = []
@@ -89,17 +92,20 @@ class ShardWriter:
             self.commit()
 
     def commit(self) -> None:
-        """Write the buffer as the next shard; a reader sees the whole shard or nothing."""
+        """Write the buffer as the next shard; a reader sees the whole shard or nothing. A failed write keeps
+        the buffer (a later commit tries again) and raises OutputWriteError."""
         if not self.buffer:
             return
-        sink = io.BytesIO()
-        pq.write_table(self._table(), sink)
-        publish(self.store.fs, self.store.shard_path(self.next_index, self.tag), sink.getvalue(),
-                join(self.store.root, "_tmp"))
+        path = self.store.shard_path(self.next_index, self.tag)
+        try:
+            publish(self.store.fs, path, parquet_bytes(self._table()), join(self.store.root, "_tmp"))
+        except OSError as e:
+            raise OutputWriteError(f"cannot write {self.store.url}: {describe(e)}") from e
+        # In this order, an interrupt between any two lines rewrites this very shard at most, never a second one.
+        rows, self.buffer = len(self.buffer), []
         self.next_index += 1
-        self.rows_written += len(self.buffer)
+        self.rows_written += rows
         self.shards_written += 1
-        self.buffer = []
 
     def _table(self) -> pa.Table:
         outputs = [o for o, _ in self.buffer]
@@ -118,9 +124,9 @@ class ShardWriter:
             "run_id": [self.run_id] * len(outputs),
             "completed_at": [t for _, t in self.buffer],
         }
-        for name in self.extra_schema.names:
-            columns[name] = [self.extra_columns.get(o.request_id, {}).get(name) for o in outputs]
-        return pa.Table.from_pydict(columns, schema=self.schema)
+        results = pa.Table.from_pydict(columns, schema=RESULT_SCHEMA)
+        extra = self.pass_through.rows(columns["request_id"])
+        return pa.Table.from_arrays(results.columns + extra.columns, schema=self.schema)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -129,10 +135,9 @@ class ShardWriter:
         self.commit()  # completed rows are kept even when the run fails
 
 
-def _infer_schema(extra_columns: dict[str, dict]) -> pa.Schema:
-    """Types of the extra columns from all their values at once, so every shard gets the same ones."""
-    names = list(dict.fromkeys(name for row in extra_columns.values() for name in row))
-    return pa.schema([(n, pa.array([row.get(n) for row in extra_columns.values()]).type) for n in names])
+def describe(error: OSError) -> str:
+    """An OSError in a few words: 'No space left on device' rather than '[Errno 28] ...: /a/long/tmp/path'."""
+    return error.strerror or str(error) or type(error).__name__
 
 
 def write_run_record(output_url: str, run_id: str, name: str, content: str | bytes,
@@ -143,8 +148,11 @@ def write_run_record(output_url: str, run_id: str, name: str, content: str | byt
         raise ValueError(f"run record {name!r}: run records must not be Parquet files")
     fs, root = filesystem(output_url, storage_options)
     path = join(root, "_runs", run_id, *([tag] if tag else []), name)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, content.encode() if isinstance(content, str) else content)
+    try:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, content.encode() if isinstance(content, str) else content)
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {output_url}: {describe(e)}") from e
     return fs.unstrip_protocol(path)
 
 
@@ -165,9 +173,10 @@ def output_lock(output_url: str, storage_options: dict | None = None, tag: str =
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "token": uuid.uuid4().hex, "heartbeat": time.time()}
     try:
+        probe_writable(fs, root)   # before any work: the output takes shards, not just the lock's folder
         _acquire(fs, root, path, holder, output_url, stale_after_s)
     except OSError as e:   # no permission, read-only storage, a file where the folder should be
-        raise OutputUnavailable(f"cannot write {output_url}: {type(e).__name__}: {e}") from None
+        raise OutputUnavailable(f"cannot write {output_url}: {describe(e)}") from None
     stop = threading.Event()
 
     def beat():
@@ -188,11 +197,16 @@ def output_lock(output_url: str, storage_options: dict | None = None, tag: str =
     finally:
         stop.set()
         thread.join()
-        try:
-            if _read_lock(fs, path).get("token") == holder["token"]:
-                fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        _release(fs, path, holder)
+
+
+def _release(fs, path: str, holder: dict) -> None:
+    try:
+        if _read_lock(fs, path).get("token") == holder["token"]:
+            fs.rm_file(path)
+    except OSError as e:   # gone already, or the storage stopped taking writes: a rerun takes the lock over
+        if not isinstance(e, FileNotFoundError):
+            log.warning("could not remove the output lock %s: %s", path, describe(e))
 
 
 def _read_lock(fs, path: str) -> dict:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -24,8 +24,9 @@ from engine.scoring import encode_request
 from engine.tokenizer import Tokenizer
 from pipeline.chat import ChatError, ChatPrompts
 from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
-from pipeline.requests import ParsedRequests, parse_requests, read_request_table
+from pipeline.requests import ParsedRequests, duplicates_summary, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
+from pipeline.signals import StopSignals
 
 LOG = logging.getLogger("lorafleet")
 LOG_EVERY_S = 10.0
@@ -46,7 +47,7 @@ class RunSummary:
     rows_ok: int = 0
     rows_failed: int = 0
     rows_skipped: int = 0          # committed by an earlier run of the same output
-    duplicates: list[str] = field(default_factory=list)
+    duplicates: dict = field(default_factory=dict)   # repeated request_ids: requests.duplicates_summary
     prompt_tokens: int = 0
     output_tokens: int = 0
     distinct_adapters: int = 0
@@ -86,7 +87,7 @@ class RunSummary:
     def lines(self) -> list[str]:
         """What the CLI prints at the end."""
         return [f"rows ok {self.rows_ok:,}  failed {self.rows_failed:,}  skipped (already done) {self.rows_skipped:,}"
-                + (f"  duplicate ids {len(self.duplicates):,}" if self.duplicates else ""),
+                + (f"  duplicate ids {self.duplicates['rows']:,}" if self.duplicates.get("rows") else ""),
                 f"tokens: prompt {self.prompt_tokens:,}  output {self.output_tokens:,}  "
                 f"({self.output_tokens_per_s:,.1f} output tokens/s)"
                 + (f"  scored {self.scored_tokens:,}" if self.scored_tokens else ""),
@@ -190,22 +191,27 @@ def load_engine(config: EngineConfig) -> Engine:
 
 def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, run_id: str | None = None,
                  adapter_shard: AdapterShard = AdapterShard(), progress: bool = True,
-                 log: logging.Logger | None = None, rows_per_shard: int = 256) -> RunSummary:
+                 log: logging.Logger | None = None, rows_per_shard: int = 256,
+                 stop: StopSignals | None = None) -> RunSummary:
     """Generate a result row for every request (of `adapter_shard`) not yet committed under output_url.
 
     The shards of one night may run at once, each on its own GPU, into the same output: each writes its
     own result files under its own lock, and the invalid rows go with shard 0.
     Raises, before any work: pipeline.schema.TableError (the table cannot be a request table),
     pipeline.results.OutputUnavailable (another run writes this output, or it cannot be written) or
-    RunNotStarted (model unreadable)."""
+    RunNotStarted (model unreadable). Mid-run: pipeline.results.OutputWriteError (the output stopped taking
+    writes) or pipeline.signals.RunInterrupted (`stop`, the CLI's signals, asked the loop to stop); the rows
+    committed by then stay, and the lock is released."""
     log = log or LOG
     started = time.perf_counter()
     run_id = run_id or new_run_id()
     so = config.storage_options
     parsed = _read(config, requests_url)
-    summary = RunSummary(run_id, output_url, duplicates=parsed.duplicates, started_at=time.time())
-    for rid in parsed.duplicates:
-        log.warning("duplicate request_id %r: only its first row is run", rid)
+    summary = RunSummary(run_id, output_url, duplicates=duplicates_summary(parsed.duplicates), started_at=time.time())
+    if parsed.duplicates:
+        d = summary.duplicates
+        log.warning("duplicate request_ids: %d rows repeat the id of an earlier row (%d distinct ids; first %s): "
+                    "only the first row of each id is run", d["rows"], d["ids"], ", ".join(map(repr, d["first"])))
     tag = adapter_shard.tag
     with output_lock(output_url, so, tag):
         store = ResultStore(output_url, so)
@@ -230,15 +236,17 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             by_id = {r.request_id: r for r in todo}
             ordered = [by_id[rid] for rid in plan.request_order()]
             summary.distinct_adapters = len({r.adapter_id for r in todo if r.adapter_id})
-            with ShardWriter(store, run_id, config.model, parsed.extra_columns, rows_per_shard=rows_per_shard,
-                             extra_schema=parsed.extra_schema, tag=tag) as writer:
+            with ShardWriter(store, run_id, config.model, parsed.pass_through, rows_per_shard=rows_per_shard,
+                             tag=tag) as writer:
                 for output in rejected:
                     writer.add(output)
-                _generate(engine, ordered, writer, summary, progress, log)
+                stop = stop or StopSignals()
+                with stop.between_steps():   # a stop signal ends the loop at a step boundary: RunInterrupted
+                    _generate(engine, ordered, writer, summary, progress, log, stop.requested)
         finally:
             engine.close()
         for output in rejected:
-            log.warning("row %s failed: %s", output.request_id, output.error)
+            log.warning("row %r failed: %s", output.request_id, output.error)
         summary.rows_failed += len(rejected)
         stats = engine.stats
         for name in ENGINE_FIELDS:
@@ -258,14 +266,14 @@ def _not_yet_written(rejected: list[RequestOutput], done: set[str], done_without
 
 
 def _generate(engine: Engine, requests: list[Request], writer: ShardWriter, summary: RunSummary, progress: bool,
-              log: logging.Logger) -> None:
+              log: logging.Logger, should_stop: Callable[[], bool]) -> None:
     bar = tqdm(total=len(requests), unit="req", desc="generating", disable=not progress, dynamic_ncols=True)
     started = last_log = time.perf_counter()
-    for output in engine.generate(requests):
+    for output in engine.generate(requests, should_stop=should_stop):
         writer.add(output)
         if output.finish_reason == "error":
             summary.rows_failed += 1
-            log.warning("row %s failed: %s", output.request_id, output.error)
+            log.warning("row %r failed: %s", output.request_id, output.error)
         else:
             summary.rows_ok += 1
         bar.update(1)

@@ -82,3 +82,4 @@ RESULT_SCHEMA = pa.schema([
 ])
 RESULT_COLUMNS = RESULT_SCHEMA.names
 SCORING_COLUMNS = ("continuation_logprob", "continuation_tokens", "is_greedy", "token_logprobs", "top_logprobs")
+PARTITION_COLUMN = "date"   # of the results' Hive folders (pipeline.layout): readers add it to every row

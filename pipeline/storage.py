@@ -1,8 +1,10 @@
-"""fsspec helpers: one place that knows how to list, publish and exclusively create files on any storage."""
+"""fsspec helpers: one place that knows how to list, read, publish and exclusively create files on any storage."""
 import os
 import uuid
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -32,6 +34,25 @@ def visible_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return sorted(found)
 
 
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file read from bytes that Arrow owns.
+
+    Handed a Python file (or Python bytes), Arrow's I/O threads keep Python objects that they release
+    later; one released while the interpreter shuts down takes the GIL, the thread is ended with
+    pthread_exit inside a C++ destructor, and the process aborts ("terminate called without an active
+    exception", exit 134) after it has already said what it had to say."""
+    sink = pa.BufferOutputStream()
+    sink.write(fs.cat_file(path))
+    return pq.read_table(pa.BufferReader(sink.getvalue()), columns=columns)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """table as a Parquet file, written into Arrow's memory (no Python file for Arrow to hold)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes, tmp_dir: str) -> None:
     """Write data to path so that no reader ever sees a partial file.
 
@@ -58,6 +79,14 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes, tmp_dir: str)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def probe_writable(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Publish and delete an empty file in root, the way result shards are written; raises OSError when the
+    output cannot take a shard (read-only, no permission, a file where the folder should be)."""
+    path = join(root, f"_probe-{uuid.uuid4().hex}")   # '_': readers skip it if a crash leaves it behind
+    publish(fs, path, b"", join(root, "_runs"))       # the lock's folder: no new folder is left behind
+    fs.rm_file(path)
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
