@@ -159,7 +159,7 @@ def test_each_bad_row_fails_alone(tiny_fleet, tmp_path, monkeypatch, caplog, cap
     assert reads.count("corrupt") == 1                           # a bad adapter is tried once per run
     assert not {"../a1", "nest/a1", "a" * 129, "", "/etc"} & set(reads)
     summary = json.loads(next(out.glob("_runs/*/summary.json")).read_text())
-    assert summary["duplicates"] == ["good-01"] and summary["rows_ok"] == len(GOOD)
+    assert summary["duplicates"] == {"rows": 1, "ids": 1, "first": ["good-01"]} and summary["rows_ok"] == len(GOOD)
     assert summary["rows_failed"] == len(BAD) + 1
     assert "duplicate" in caplog.text and "'good-01'" in caplog.text
     assert f"failed {len(BAD) + 1}" in capsys.readouterr().out

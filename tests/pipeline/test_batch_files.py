@@ -58,7 +58,7 @@ def test_lines_map_to_request_columns():
     assert rows["ids"]["prompt_token_ids"] == [5, 6, 7] and rows["ids"]["prompt"] is None
     parsed = parse_requests(read_request_table(url, base_model_name="tiny-base"), default_max_new_tokens=16)
     assert not parsed.rejected and sorted(parsed.messages) == ["chat", "parts"]
-    assert parsed.extra_columns["text"]["openai_url"] == COMPLETIONS
+    assert parsed.pass_through.rows(["text"])["openai_url"].to_pylist() == [COMPLETIONS]
 
 
 @pytest.mark.parametrize("bad, error", [

@@ -217,18 +217,19 @@ def test_duplicates_keep_the_first_row():
     assert [(r.request_id, r.prompt) for r in parsed.requests] == [("r1", "first")]
     assert [o.request_id for o in parsed.rejected] == ["r2"]          # the first r2 was bad: it stays the result
     assert parsed.duplicates == ["r1", "r2", "r1"]
-    assert parsed.extra_columns == {"r1": {"task": "a"}, "r2": {"task": "b"}}
+    assert parsed.pass_through.rows(["r1", "r2"]).to_pylist() == [{"task": "a"}, {"task": "b"}]
 
 
 def test_extra_columns_pass_through_for_valid_and_rejected_rows():
     table = pa.table({"request_id": ["ok", "bad"], "prompt": ["w1", None],
                       "reference": ["w5", "w6"], "weight": pa.array([1, 2], pa.int16())})
     parsed = parse_requests(table, 4)
-    assert parsed.extra_columns == {"ok": {"reference": "w5", "weight": 1}, "bad": {"reference": "w6", "weight": 2}}
-    assert parsed.extra_schema == pa.schema([("reference", pa.string()), ("weight", pa.int16())])
+    assert parsed.pass_through.rows(["bad", "ok", None]).to_pylist() == [
+        {"reference": "w6", "weight": 2}, {"reference": "w5", "weight": 1}, {"reference": None, "weight": None}]
+    assert parsed.pass_through.table.schema == pa.schema([("reference", pa.string()), ("weight", pa.int16())])
 
 
 def test_an_all_null_extra_column_passes_through_as_strings():
     # typed `null`, one night's column would not read together with another night's strings
     parsed = parse_requests(pa.table({"request_id": ["r"], "prompt": ["w1"], "reference": pa.nulls(1)}), 4)
-    assert parsed.extra_schema == pa.schema([("reference", pa.string())])
+    assert parsed.pass_through.table.schema == pa.schema([("reference", pa.string())])

@@ -18,7 +18,8 @@ import pytest
 
 import pipeline.storage
 from engine.request import RequestOutput
-from pipeline.results import OutputUnavailable, ResultStore, ShardWriter, output_lock, write_run_record
+from pipeline.requests import PassThrough
+from pipeline.results import OutputUnavailable, OutputWriteError, ResultStore, ShardWriter, output_lock, write_run_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def shard_names(out: Path) -> list[str]:
 
 def test_shards_commit_by_rows_and_number_on_after_existing(tmp_path):
     store = ResultStore(str(tmp_path))
-    with ShardWriter(store, "run1", "base", {}, rows_per_shard=2) as writer:
+    with ShardWriter(store, "run1", "base", rows_per_shard=2) as writer:
         for i in range(3):
             writer.add(output(i))
         assert shard_names(tmp_path) == ["part-000000.parquet"]     # committed while the run goes
@@ -47,7 +48,7 @@ def test_shards_commit_by_rows_and_number_on_after_existing(tmp_path):
     assert store.committed_ids() == {f"r{i}" for i in range(5)}
     assert store.next_shard_index() == 3
 
-    with ShardWriter(ResultStore(str(tmp_path)), "run2", "base", {}) as writer:
+    with ShardWriter(ResultStore(str(tmp_path)), "run2", "base") as writer:
         writer.add(output(5))
     assert shard_names(tmp_path)[-1] == "part-000003.parquet"
     assert ResultStore(str(tmp_path)).committed_ids() == {f"r{i}" for i in range(6)}
@@ -55,7 +56,7 @@ def test_shards_commit_by_rows_and_number_on_after_existing(tmp_path):
 
 def test_shard_commits_when_oldest_row_has_waited(tmp_path):
     store = ResultStore(str(tmp_path))
-    writer = ShardWriter(store, "run1", "base", {}, rows_per_shard=100, seconds_per_shard=0.2)
+    writer = ShardWriter(store, "run1", "base", rows_per_shard=100, seconds_per_shard=0.2)
     writer.add(output(0))
     assert store.committed_ids() == set()
     time.sleep(0.25)
@@ -66,7 +67,7 @@ def test_shard_commits_when_oldest_row_has_waited(tmp_path):
 def test_rows_are_committed_when_the_run_fails(tmp_path):
     store = ResultStore(str(tmp_path))
     with pytest.raises(RuntimeError, match="device lost"):
-        with ShardWriter(store, "run1", "base", {}, rows_per_shard=100) as writer:
+        with ShardWriter(store, "run1", "base", rows_per_shard=100) as writer:
             writer.add(output(0))
             writer.add(output(1, error=True))
             raise RuntimeError("device lost")
@@ -75,11 +76,10 @@ def test_rows_are_committed_when_the_run_fails(tmp_path):
 
 def test_output_reads_as_one_table(tmp_path):
     out = tmp_path / "results"
-    extra = {"r0": {"reference": "w9", "weight": 3, "when": datetime(2026, 1, 2, tzinfo=timezone.utc)},
-             "r1": {"reference": None, "weight": None, "when": None}}
-    extra_schema = pa.schema([("reference", pa.string()), ("weight", pa.int16()), ("when", pa.timestamp("ms", "UTC"))])
+    extra = pa.table({"reference": ["w9", None], "weight": pa.array([3, None], pa.int16()),
+                      "when": pa.array([datetime(2026, 1, 2, tzinfo=timezone.utc), None], pa.timestamp("ms", "UTC"))})
     store = ResultStore(str(out))
-    with ShardWriter(store, "run1", "models/tiny", extra, rows_per_shard=1, extra_schema=extra_schema) as writer:
+    with ShardWriter(store, "run1", "models/tiny", PassThrough(extra, {"r0": 0, "r1": 1}), rows_per_shard=1) as writer:
         writer.add(output(0))
         writer.add(output(1, error=True))
     write_run_record(str(out), "run1", "summary.json", json.dumps({"rows_ok": 1}))
@@ -115,14 +115,15 @@ def test_output_reads_as_one_table(tmp_path):
 
 def test_failed_write_leaves_no_shard_and_keeps_the_rows(tmp_path, monkeypatch):
     store = ResultStore(str(tmp_path))
-    writer = ShardWriter(store, "run1", "base", {}, rows_per_shard=100)
+    writer = ShardWriter(store, "run1", "base", rows_per_shard=100)
     writer.add(output(0))
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(pipeline.storage.os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputWriteError, match="No space left on device") as info:
         writer.commit()
+    assert str(info.value) == f"cannot write {tmp_path}: No space left on device"   # the output and the cause
     assert list(tmp_path.rglob("*part-*")) == []                       # neither a shard nor a temp file
     monkeypatch.undo()
     writer.commit()
@@ -133,7 +134,7 @@ def test_store_on_memory_filesystem():
     url = "memory://lorafleet-test-results"
     store = ResultStore(url)
     assert store.committed_ids() == set() and store.next_shard_index() == 0
-    with ShardWriter(store, "run1", "base", {}, rows_per_shard=2) as writer:
+    with ShardWriter(store, "run1", "base", rows_per_shard=2) as writer:
         for i in range(3):
             writer.add(output(i))
     with output_lock(url):

@@ -41,8 +41,7 @@ def round_trip(bucket: str, storage_options: dict | None) -> None:
         with pytest.raises(OutputUnavailable, match="being written by another run"):
             with output_lock(out, storage_options):
                 pass
-        with ShardWriter(store, "run1", "s3://models/tiny", parsed.extra_columns, rows_per_shard=2,
-                         extra_schema=parsed.extra_schema) as writer:
+        with ShardWriter(store, "run1", "s3://models/tiny", parsed.pass_through, rows_per_shard=2) as writer:
             for request in parsed.requests:
                 writer.add(RequestOutput(request.request_id, None, "w7", [7], 2, 1, "length"))
             for rejected in parsed.rejected:
