@@ -67,7 +67,7 @@ def _read_one(fs, path: str, base_model_name: str | None) -> pa.Table:
             # a Categorical column in one file and plain strings in another are one column
             column = column.cast(f.type.value_type)
         bad = invalid_rows(column)
-        if f.name in REQUEST_COLUMNS:   # read as int64 below
+        if f.name in REQUEST_COLUMNS:   # their integers are read as int64 below
             bad = {**int64_overflow_rows(column), **bad}
         for row, why in bad.items():
             problems.setdefault(row, []).append(f"{f.name} {why}")

@@ -100,7 +100,7 @@ class ShardWriter:
         try:
             publish(self.store.fs, path, parquet_bytes(self._table()), join(self.store.root, "_tmp"))
         except OSError as e:
-            raise OutputWriteError(f"cannot write {self.store.url}: {describe(e)}") from e
+            raise OutputWriteError(f"cannot write {self.store.url}: {_describe(e)}") from e
         # In this order, an interrupt between any two lines rewrites this very shard at most, never a second one.
         rows, self.buffer = len(self.buffer), []
         self.next_index += 1
@@ -135,7 +135,7 @@ class ShardWriter:
         self.commit()  # completed rows are kept even when the run fails
 
 
-def describe(error: OSError) -> str:
+def _describe(error: OSError) -> str:
     """An OSError in a few words: 'No space left on device' rather than '[Errno 28] ...: /a/long/tmp/path'."""
     return error.strerror or str(error) or type(error).__name__
 
@@ -152,7 +152,7 @@ def write_run_record(output_url: str, run_id: str, name: str, content: str | byt
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, content.encode() if isinstance(content, str) else content)
     except OSError as e:
-        raise OutputWriteError(f"cannot write {output_url}: {describe(e)}") from e
+        raise OutputWriteError(f"cannot write {output_url}: {_describe(e)}") from e
     return fs.unstrip_protocol(path)
 
 
@@ -176,7 +176,7 @@ def output_lock(output_url: str, storage_options: dict | None = None, tag: str =
         probe_writable(fs, root)   # before any work: the output takes shards, not just the lock's folder
         _acquire(fs, root, path, holder, output_url, stale_after_s)
     except OSError as e:   # no permission, read-only storage, a file where the folder should be
-        raise OutputUnavailable(f"cannot write {output_url}: {describe(e)}") from None
+        raise OutputUnavailable(f"cannot write {output_url}: {_describe(e)}") from None
     stop = threading.Event()
 
     def beat():
@@ -206,7 +206,7 @@ def _release(fs, path: str, holder: dict) -> None:
             fs.rm_file(path)
     except OSError as e:   # gone already, or the storage stopped taking writes: a rerun takes the lock over
         if not isinstance(e, FileNotFoundError):
-            log.warning("could not remove the output lock %s: %s", path, describe(e))
+            log.warning("could not remove the output lock %s: %s", path, _describe(e))
 
 
 def _read_lock(fs, path: str) -> dict:
