@@ -13,9 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-
 from hostile_rows import HOSTILE, hostile_rows, write_bytes_table
+from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 FORGED = "2026-01-01 00:00:00,000 WARNING lorafleet: forged line"

@@ -11,12 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.request import RequestOutput
+from hostile_rows import BAD, HOSTILE, I64_MAX, U64_MAX, hostile_rows, text, write_bytes_table
 from pipeline.bad_values import int64_overflow_rows, invalid_rows, null_rows
 from pipeline.requests import duplicates_summary, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter
 from pipeline.schema import TableError
-
-from hostile_rows import BAD, HOSTILE, I64_MAX, U64_MAX, hostile_rows, text, write_bytes_table
 
 # type name -> (an array of 5 rows, rows 1 and 3 invalid)
 def nested_cases() -> dict[str, pa.Array]:
