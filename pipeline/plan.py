@@ -144,10 +144,12 @@ class Plan:
         s, b = self.summary(), self.budget
         lines = [f"{'wave':>5} {'adapters':>9} {'requests':>10} {'est tokens':>13} {'pages':>13}  adapter ids"]
         for w in self.waves:
-            names = ["base" if a is None else a for a in w.adapter_ids]
-            n_adapters = len(w.adapter_ids) - (None in w.adapter_ids)
-            lines.append(f"{w.index:>5} {n_adapters:>9,} {len(w.request_ids):>10,} {w.est_tokens:>13,} "
-                         f"{f'{w.pages:,}/{b.adapter_pages:,}':>13}  {_preview(names)}")
+            # the base model is no adapter: its rows are counted apart, so the number and the list agree
+            names = [a for a in w.adapter_ids if a is not None]
+            base = sum(n for a, n in zip(w.adapter_ids, w.group_sizes) if a is None)
+            lines.append(f"{w.index:>5} {len(names):>9,} {len(w.request_ids):>10,} {w.est_tokens:>13,} "
+                         f"{f'{w.pages:,}/{b.adapter_pages:,}':>13}  {_preview(names)}"
+                         + (f"{'; ' if names else ''}{base:,} base-model requests" if base else ""))
         lines.append(f"{'total':>5} {s['adapters']:>9,} {s['requests']:>10,} {s['est_tokens']:>13,} "
                      f"{'max ' + format(s['max_wave_pages'], ','):>13}"
                      f"  {s['base_requests']:,} base-model requests")

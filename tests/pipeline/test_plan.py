@@ -163,6 +163,20 @@ def test_json_round_trip_and_table():
     assert f"naive {s['naive_loads']:,}" in loads and f"FIFO-LRU {s['fifo_lru_loads']:,}" in loads
 
 
+def test_table_lists_as_many_adapters_as_it_counts():
+    """The base model is no adapter: a wave's adapter count and its list of adapter ids agree, with the
+    base-model rows named apart (a wave of 5 adapters and base rows once listed 6 names beside `5`)."""
+    items = [PlanItem(f"r{i}", [f"a{k}" for k in range(5)][i % 5] if i % 6 else None, 8, 4) for i in range(60)]
+    plan = plan_waves(items, {f"a{k}": 1 for k in range(5)}, PlanBudget(64, 512, 8, 16))
+    [wave] = plan.format_table().splitlines()[1:2]
+    count, names = int(wave.split()[1]), wave.split("  ")[-1]
+    listed, base = names.split("; ")
+    shown = listed.split(", ")
+    more = int(shown.pop()[len("… (+"):-1]) if shown[-1].startswith("…") else 0
+    assert count == 5 == len(shown) + more and "base" not in listed
+    assert base == "10 base-model requests"
+
+
 def test_count_adapter_loads_is_lru():
     seq = ["a", "b", None, "a", "c", "b"]
     assert count_adapter_loads(seq, 1) == 5
