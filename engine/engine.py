@@ -48,6 +48,13 @@ class EngineStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __str__(self) -> str:   # the engine's end-of-run log line: figures a person reads, not a repr
+        return (f"{self.prompt_tokens:,} prompt + {self.output_tokens:,} output tokens in {self.steps:,} steps "
+                f"({self.decode_steps:,} decode, {self.mean_adapters_per_decode_step:.1f} adapters each); "
+                f"{self.adapter_loads:,} adapter loads ({self.adapter_bytes_loaded / 2**20:,.1f} MiB, "
+                f"{self.adapter_reads:,} reads); pool peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} "
+                f"pages; {self.preemptions:,} preemptions")
+
 
 def default_seed(request_id: str) -> int:
     """Unseeded sampling still repeats on a rerun (resume must reproduce outputs)."""

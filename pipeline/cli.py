@@ -1,9 +1,10 @@
 """`lorafleet run | plan | report | export`: the same calls Dagster makes, for people without Dagster.
 
 Exit codes of `run`: 0 every row succeeded, 1 some rows failed (they are error rows), 2 the run could
-not start (usage, unreadable table, wrong schema, output locked or not writable, model unreadable), 3 the
-output stopped taking writes mid-run (disk full, turned read-only), 129 / 130 / 143 stopped by SIGHUP /
-SIGINT / SIGTERM. After 3 and 129-143 the rows committed so far stay: run the same command again to finish.
+not start (usage, unreadable table, wrong schema, output locked or not writable, model unreadable, adapter
+root missing), 3 the output stopped taking writes mid-run (disk full, turned read-only), 129 / 130 / 143 stopped
+by SIGHUP / SIGINT / SIGTERM. After 3 and 129-143 the rows committed so far stay: run the same command again to
+finish.
 """
 import argparse
 import json
@@ -85,7 +86,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
 def _cmd_run(args, stop: StopSignals) -> int:
     summary = run_requests(_config(args), args.requests, args.output, run_id=args.run_id,
                            adapter_shard=args.adapter_shard, progress=not args.no_progress,
-                           rows_per_shard=args.rows_per_shard, stop=stop)
+                           retry_errors=args.retry_errors, rows_per_shard=args.rows_per_shard, stop=stop)
     for line in summary.lines():
         print(line)
     return 1 if summary.rows_failed else 0
@@ -124,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
     _engine_args(run)
     run.add_argument("--output", required=True, help="results directory (any fsspec URL); a rerun resumes")
     run.add_argument("--run-id", help="default: a timestamp")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (a log line every 10 s instead)")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="run the output's error rows again; their new rows replace the old ones")
     run.add_argument("--rows-per-shard", type=int, default=256, help="rows per committed result shard")
     run.set_defaults(func=_cmd_run)
     plan = sub.add_parser("plan", help="print the waves a run would follow, without running it")

@@ -7,10 +7,9 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
-from tqdm import tqdm
 
 from engine.adapter_memory import adapter_pieces, row_layout
 from engine.adapters import configured_ranks
@@ -23,13 +22,15 @@ from engine.request import Request, RequestOutput
 from engine.scoring import encode_request
 from engine.tokenizer import Tokenizer
 from pipeline.chat import ChatError, ChatPrompts
-from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.plan import PREVIEW, AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.progress import Failures, GenerationProgress, per_second
 from pipeline.requests import ParsedRequests, duplicates_summary, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
+from pipeline.retry import read_committed, supersede
 from pipeline.signals import StopSignals
+from pipeline.storage import filesystem, is_local, join
 
 LOG = logging.getLogger("lorafleet")
-LOG_EVERY_S = 10.0
 # RunSummary fields taken as they are from the engine's stats
 ENGINE_FIELDS = ("prompt_tokens", "output_tokens", "adapter_loads", "adapter_bytes_loaded", "peak_pool_pages_used",
                  "pool_pages", "preemptions", "mean_adapters_per_decode_step", "scored_tokens",
@@ -47,6 +48,7 @@ class RunSummary:
     rows_ok: int = 0
     rows_failed: int = 0
     rows_skipped: int = 0          # committed by an earlier run of the same output
+    rows_retried: int = 0          # error rows of an earlier run run again (retry_errors)
     duplicates: dict = field(default_factory=dict)   # repeated request_ids: requests.duplicates_summary
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -61,8 +63,11 @@ class RunSummary:
     prefill_tokens_requested: int = 0
     prefill_tokens_computed: int = 0   # fewer than requested where scored rows shared their prompt's pages
     started_at: float = 0.0        # unix time
-    wall_s: float = 0.0
-    output_tokens_per_s: float = 0.0
+    wall_s: float = 0.0            # setup_s (model load, tokenizing, planning) + generate_s + the last commit
+    setup_s: float = 0.0
+    generate_s: float = 0.0        # from the first request handed to the engine to its last row
+    output_tokens_per_s: float = 0.0   # over generate_s, as the progress bar counts them (pipeline.progress)
+    total_tokens_per_s: float = 0.0    # prompt + output tokens, over generate_s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +77,8 @@ class RunSummary:
         """One summary for the adapter shards of a night: counts add up (shards have disjoint rows and
         adapters), pool figures are per GPU (the largest), wall time spans the first start to the last end."""
         total = cls(parts[0].run_id, parts[0].output_url, duplicates=parts[0].duplicates)
-        for name in ("rows_ok", "rows_failed", "rows_skipped", "prompt_tokens", "output_tokens", "distinct_adapters",
-                     "adapter_loads", "adapter_bytes_loaded", "preemptions", "scored_tokens",
+        for name in ("rows_ok", "rows_failed", "rows_skipped", "rows_retried", "prompt_tokens", "output_tokens",
+                     "distinct_adapters", "adapter_loads", "adapter_bytes_loaded", "preemptions", "scored_tokens",
                      "prefill_tokens_requested", "prefill_tokens_computed"):
             setattr(total, name, sum(getattr(p, name) for p in parts))
         total.peak_pool_pages_used = max(p.peak_pool_pages_used for p in parts)
@@ -81,16 +86,25 @@ class RunSummary:
         total.mean_adapters_per_decode_step = sum(p.mean_adapters_per_decode_step for p in parts) / len(parts)
         total.started_at = min(p.started_at for p in parts)
         total.wall_s = max(p.started_at + p.wall_s for p in parts) - total.started_at
-        total.output_tokens_per_s = total.output_tokens / total.wall_s if total.wall_s else 0.0
+        # generation spans the first shard's start of it to the last shard's end of it
+        generating = min(p.started_at + p.setup_s for p in parts)
+        total.setup_s = generating - total.started_at
+        total.generate_s = max(p.started_at + p.setup_s + p.generate_s for p in parts) - generating
+        total.set_rates()
         return total
+
+    def set_rates(self) -> None:
+        self.output_tokens_per_s = per_second(self.output_tokens, self.generate_s)
+        self.total_tokens_per_s = per_second(self.prompt_tokens + self.output_tokens, self.generate_s)
 
     def lines(self) -> list[str]:
         """What the CLI prints at the end."""
         return [f"rows ok {self.rows_ok:,}  failed {self.rows_failed:,}  skipped (already done) {self.rows_skipped:,}"
+                + (f"  retried {self.rows_retried:,}" if self.rows_retried else "")
                 + (f"  duplicate ids {self.duplicates['rows']:,}" if self.duplicates.get("rows") else ""),
-                f"tokens: prompt {self.prompt_tokens:,}  output {self.output_tokens:,}  "
-                f"({self.output_tokens_per_s:,.1f} output tokens/s)"
-                + (f"  scored {self.scored_tokens:,}" if self.scored_tokens else ""),
+                f"tokens: prompt {self.prompt_tokens:,}  output {self.output_tokens:,}  in {self.generate_s:,.1f}s of "
+                f"generation: {self.output_tokens_per_s:,.1f} output tokens/s, {self.total_tokens_per_s:,.1f} "
+                "total tokens/s" + (f"  scored {self.scored_tokens:,}" if self.scored_tokens else ""),
                 f"prefill tokens: computed {self.prefill_tokens_computed:,} of {self.prefill_tokens_requested:,} "
                 "requested (the rest read from shared prompt pages)",
                 f"adapters: {self.distinct_adapters:,} distinct, {self.adapter_loads:,} loads, "
@@ -98,7 +112,8 @@ class RunSummary:
                 f"{self.mean_adapters_per_decode_step:.1f} per decode step",
                 f"pool: peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} pages; "
                 f"preemptions {self.preemptions:,}",
-                f"wall time {self.wall_s:,.1f}s  ->  {self.output_url}"]
+                f"wall time {self.wall_s:,.1f}s (setup {self.setup_s:,.1f}s, generation {self.generate_s:,.1f}s)"
+                f"  ->  {self.output_url}"]
 
 
 def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int, adapter_id: str) -> int:
@@ -112,6 +127,29 @@ def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int
         return row_layout(adapter_pieces(args, configured_ranks(cfg, args)), page_numel)[1] if cfg else 1
     except Exception:  # noqa: BLE001 - bad JSON, fields of the wrong type, a bad regex: the load will say what
         return 1
+
+
+def check_adapter_root(config: EngineConfig, requests: list[Request]) -> None:
+    """Refuse a run whose rows name adapters when the adapter root is not given, does not exist, or holds none
+    of them: a typo in --adapters would otherwise turn every adapter row into an error row."""
+    named = sorted({r.adapter_id for r in requests if r.adapter_id is not None})
+    if not named:
+        return
+    adapters = f"{len(named):,} adapters ({', '.join(named[:PREVIEW])}{', …' * (len(named) > PREVIEW)})"
+    if not config.adapters:
+        raise RunNotStarted(f"the rows name {adapters} but no adapter root was given: pass --adapters <root>")
+    try:
+        fs, root = filesystem(config.adapters, config.storage_options)
+        folders = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
+                   if e["type"] == "directory"} if fs.isdir(root) else None
+    except Exception as e:  # noqa: BLE001 - bad URL, credentials, no such bucket: the run cannot start
+        raise RunNotStarted(f"cannot list the adapter root {config.adapters}: {type(e).__name__}: {e}") from None
+    if folders is None:
+        raise RunNotStarted(f"the adapter root {config.adapters} does not exist, and the rows name {adapters}: "
+                            "check --adapters")
+    if not folders & set(named):
+        raise RunNotStarted(f"the adapter root {config.adapters} holds none of the {adapters} the rows name: "
+                            "check --adapters")
 
 
 def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],
@@ -171,6 +209,7 @@ def plan_run(config: EngineConfig, requests_url: str,
     """The plan a run of each adapter shard would follow, without loading the model weights (the table is
     read and tokenized once for all of them)."""
     parsed = _read(config, requests_url)
+    check_adapter_root(config, parsed.requests)
     prompt_lens = _tokenize(config, Tokenizer(config.model, config.storage_options), parsed)
     args = load_model_args(config.model, config.storage_options)
     geometry = pool_geometry(config, args)
@@ -190,45 +229,53 @@ def load_engine(config: EngineConfig) -> Engine:
 
 
 def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, run_id: str | None = None,
-                 adapter_shard: AdapterShard = AdapterShard(), progress: bool = True,
+                 adapter_shard: AdapterShard = AdapterShard(), progress: bool = True, retry_errors: bool = False,
                  log: logging.Logger | None = None, rows_per_shard: int = 256,
                  stop: StopSignals | None = None) -> RunSummary:
-    """Generate a result row for every request (of `adapter_shard`) not yet committed under output_url.
+    """Generate a result row for every request (of `adapter_shard`) not yet committed under output_url; with
+    retry_errors, also for those whose committed rows are errors (the new rows supersede them: pipeline.retry).
 
     The shards of one night may run at once, each on its own GPU, into the same output: each writes its
     own result files under its own lock, and the invalid rows go with shard 0.
-    Raises, before any work: pipeline.schema.TableError (the table cannot be a request table),
-    pipeline.results.OutputUnavailable (another run writes this output, or it cannot be written) or
-    RunNotStarted (model unreadable). Mid-run: pipeline.results.OutputWriteError (the output stopped taking
-    writes) or pipeline.signals.RunInterrupted (`stop`, the CLI's signals, asked the loop to stop); the rows
-    committed by then stay, and the lock is released."""
+    Raises, before any work and leaving the output as it was: pipeline.schema.TableError (the table cannot be
+    a request table), pipeline.results.OutputUnavailable (another run writes this output, or it cannot be
+    written) or RunNotStarted (model unreadable, adapter root missing). Mid-run:
+    pipeline.results.OutputWriteError (the output stopped taking writes) or pipeline.signals.RunInterrupted
+    (`stop`, the CLI's signals, asked the loop to stop); the rows committed by then stay, and the lock is
+    released."""
     log = log or LOG
     started = time.perf_counter()
     run_id = run_id or new_run_id()
     so = config.storage_options
     parsed = _read(config, requests_url)
+    check_adapter_root(config, parsed.requests)
     summary = RunSummary(run_id, output_url, duplicates=duplicates_summary(parsed.duplicates), started_at=time.time())
     if parsed.duplicates:
         d = summary.duplicates
         log.warning("duplicate request_ids: %d rows repeat the id of an earlier row (%d distinct ids; first %s): "
                     "only the first row of each id is run", d["rows"], d["ids"], ", ".join(map(repr, d["first"])))
     tag = adapter_shard.tag
-    with output_lock(output_url, so, tag):
+    failures = Failures()
+    with _as_found_unless_started(output_url, so), output_lock(output_url, so, tag):
         store = ResultStore(output_url, so)
         engine = load_engine(config)
         try:
             prompt_lens = _tokenize(config, engine.tokenizer, parsed)
             mine = _shard_requests(parsed.requests, prompt_lens, adapter_shard)
             invalid = parsed.rejected if adapter_shard.index == 0 else []
-            done = store.committed_ids()
-            todo = [r for r in mine if r.request_id not in done]
-            # rows without an id are rare: read the ids a second time only when there are some
-            without_id = store.committed_rows_without_id() if any(o.request_id is None for o in invalid) else 0
-            rejected = _not_yet_written(invalid, done, without_id)
+            my_ids = {r.request_id for r in mine} | {o.request_id for o in invalid if o.request_id is not None}
+            committed = read_committed(store, retry_errors)
+            if committed.duplicated & my_ids:   # a retry that crashed before superseding its old rows
+                supersede(store, committed.duplicated & my_ids, log)
+            todo = [r for r in mine if r.request_id not in committed.done]
+            rejected = _not_yet_written(invalid, committed.done, committed.rows_without_id)
+            retried = committed.retried & my_ids
+            summary.rows_retried = len(retried)
             summary.rows_skipped = len(mine) + len(invalid) - len(todo) - len(rejected)
-            log.info("run %s%s: %d requests (%d already done, %d invalid rows) -> %s", run_id,
+            log.info("run %s%s: %d requests (%d already done, %d invalid rows%s) -> %s", run_id,
                      f" (adapter shard {adapter_shard.index}/{adapter_shard.count})" if tag else "", len(todo),
-                     summary.rows_skipped, len(rejected), output_url)
+                     summary.rows_skipped, len(rejected), f", {len(retried)} error rows retried" if retry_errors else "",
+                     output_url)
             pool = engine.runner.pool
             plan = build_plan(config, engine.runner.args, (pool.block_size, pool.page_numel, pool.num_pages), todo,
                               prompt_lens)
@@ -240,21 +287,41 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
                              tag=tag) as writer:
                 for output in rejected:
                     writer.add(output)
+                    failures.add(output)
                 stop = stop or StopSignals()
                 with stop.between_steps():   # a stop signal ends the loop at a step boundary: RunInterrupted
-                    _generate(engine, ordered, writer, summary, progress, log, stop.requested)
+                    shown = _generate(engine, ordered, writer, summary, progress, log, failures, stop.requested)
         finally:
             engine.close()
-        for output in rejected:
-            log.warning("row %r failed: %s", output.request_id, output.error)
+        if retried:   # the new rows are committed: now drop the old ones
+            supersede(store, retried, log)
+        failures.warn(log)
         summary.rows_failed += len(rejected)
         stats = engine.stats
         for name in ENGINE_FIELDS:
             setattr(summary, name, getattr(stats, name))
+        summary.setup_s, summary.generate_s = shown.started - started, shown.elapsed
         summary.wall_s = time.perf_counter() - started
-        summary.output_tokens_per_s = stats.output_tokens / summary.wall_s
+        summary.set_rates()
         write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so, tag)
     return summary
+
+
+@contextmanager
+def _as_found_unless_started(output_url: str, storage_options: dict):
+    """A run that never started (RunNotStarted) leaves the output as it found it: the folders taking its lock
+    made are removed again if they are empty. Object stores have no folders to leave behind."""
+    fs, root = filesystem(output_url, storage_options)
+    made = [p for p in (root, join(root, "_runs")) if is_local(fs) and not fs.exists(p)]
+    try:
+        yield
+    except RunNotStarted:
+        for path in reversed(made):
+            try:
+                fs.rmdir(path)
+            except OSError:   # not empty: something else wrote there meanwhile
+                pass
+        raise
 
 
 def _not_yet_written(rejected: list[RequestOutput], done: set[str], done_without_id: int) -> list[RequestOutput]:
@@ -266,22 +333,14 @@ def _not_yet_written(rejected: list[RequestOutput], done: set[str], done_without
 
 
 def _generate(engine: Engine, requests: list[Request], writer: ShardWriter, summary: RunSummary, progress: bool,
-              log: logging.Logger, should_stop: Callable[[], bool]) -> None:
-    bar = tqdm(total=len(requests), unit="req", desc="generating", disable=not progress, dynamic_ncols=True)
-    started = last_log = time.perf_counter()
-    for output in engine.generate(requests, should_stop=should_stop):
-        writer.add(output)
-        if output.finish_reason == "error":
-            summary.rows_failed += 1
-            log.warning("row %r failed: %s", output.request_id, output.error)
-        else:
-            summary.rows_ok += 1
-        bar.update(1)
-        now = time.perf_counter()
-        rate = engine.stats.output_tokens / max(now - started, 1e-9)
-        bar.set_postfix_str(f"{rate:,.0f} tok/s, {engine.runner.adapters.loads} adapter loads", refresh=False)
-        if now - last_log >= LOG_EVERY_S:
-            last_log = now
-            log.info("%d/%d requests, %.0f output tokens/s, %d adapter loads", bar.n, len(requests), rate,
-                     engine.runner.adapters.loads)
-    bar.close()
+              log: logging.Logger, failures: Failures, should_stop: Callable[[], bool]) -> GenerationProgress:
+    with GenerationProgress(len(requests), log, show_bar=progress) as shown:
+        for output in engine.generate(requests, should_stop=should_stop):
+            writer.add(output)
+            if output.finish_reason == "error":
+                summary.rows_failed += 1
+                failures.add(output)
+            else:
+                summary.rows_ok += 1
+            shown.update(engine.stats.output_tokens, engine.runner.adapters.loads)
+    return shown
