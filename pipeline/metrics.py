@@ -146,10 +146,16 @@ def compare_with_previous(current: pl.DataFrame, previous: pl.DataFrame | None, 
         "adapter_id", pl.col("date").alias("prev_date"), *[pl.col(m).alias(f"prev_{m}") for m in SCORES])
     out = current.join(prev, on="adapter_id", how="left", nulls_equal=True)
     out = out.with_columns((pl.col(m) - pl.col(f"prev_{m}")).alias(f"delta_{m}") for m in SCORES)
-    worse = [((-pl.col(f"delta_{m}") if HIGHER_IS_BETTER[m] else pl.col(f"delta_{m}"))
-              / (SCORE_SCALE[m] or pl.col(f"prev_{m}")) > margin).fill_null(False).alias(m) for m in SCORES]
+    worse = [(worsening(m) > margin).fill_null(False).alias(m) for m in SCORES]
     names = pl.concat_list([pl.when(w).then(pl.lit(m)) for w, m in zip(worse, SCORES)]).list.drop_nulls()
     return out.with_columns(names.list.len().gt(0).alias("regressed"), names.list.join(",").alias("regressed_metrics"))
+
+
+def worsening(score: str) -> pl.Expr:
+    """How much worse `score` got since the previous night, as a share of its scale (of the previous night's
+    value where it has none, as for perplexity): what the regression margin is compared with."""
+    delta = pl.col(f"delta_{score}")
+    return (-delta if HIGHER_IS_BETTER[score] else delta) / (SCORE_SCALE[score] or pl.col(f"prev_{score}"))
 
 
 def read_day(fs: fsspec.AbstractFileSystem, folder: str) -> pl.DataFrame | None:

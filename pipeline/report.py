@@ -1,23 +1,16 @@
 """`lorafleet report`: one night's per-adapter table in the terminal and a chart of scores over the nights."""
-import io
 import posixpath
 
 import fsspec
-import matplotlib
 import polars as pl
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.charts import night_chart
 from pipeline.metrics import read_metrics, score_unscored_nights
 from pipeline.storage import join
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-CHART_SCORES = {"exact_match": "exact match", "chrf": "chrF", "acc": "acc (multiple choice)",
-                "acc_norm": "acc_norm (per byte)", "token_perplexity": "token perplexity"}
-MARKERS = "osD^vP*Xh<>"
 # score -> its (header, cell of a metrics row) columns in the night's table
 LIKELIHOOD_COLUMNS = {
     "acc": [("acc", lambda r: _number(r["acc"], ".2f")), ("Δ  ", lambda r: _delta(r["delta_acc"], ".2f"))],
@@ -67,53 +60,28 @@ def metrics_table(night: pl.DataFrame) -> Table:
     return table
 
 
-def score_chart(metrics: pl.DataFrame) -> bytes:
-    """PNG: one panel per score the nights have, one line per adapter over the nights, regressions circled in red."""
-    dates = sorted(metrics["date"].unique().to_list())
-    x_of = {d: i for i, d in enumerate(dates)}
-    labels = sorted(metrics["adapter_label"].unique().to_list())
-    scores = [s for s in CHART_SCORES if s in metrics.columns and metrics[s].is_not_null().any()] \
-        or ["exact_match", "chrf"]     # empty panels rather than no chart
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores) + 2, 4.5), squeeze=False)
-    for ax, score in zip(axes[0], scores):
-        for i, label in enumerate(labels):
-            rows = metrics.filter((pl.col("adapter_label") == label) & pl.col(score).is_not_null()).sort("date")
-            x = [x_of[d] for d in rows["date"]]
-            # distinct markers, shrinking, so adapters with equal scores stay visible on top of each other
-            ax.plot(x, rows[score].to_list(), marker=MARKERS[i % len(MARKERS)], markersize=max(11 - i, 4),
-                    label=label, alpha=0.85)
-            bad = rows.filter("regressed")
-            ax.scatter([x_of[d] for d in bad["date"]], bad[score].to_list(), s=260, facecolors="none",
-                       edgecolors="red", linewidths=2, zorder=3)
-        ax.set_title(CHART_SCORES[score])
-        ax.set_xticks(range(len(dates)), dates, rotation=30, ha="right")
-        ax.grid(alpha=0.3)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize="small")
-    fig.suptitle("adapter scores per night (red circle: regressed)")
-    fig.tight_layout(rect=(0, 0, 1 - 2 / fig.get_figwidth(), 1))   # 2 inches on the right for the legend
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def report(root: str, date: str | None = None, out_png: str | None = None, *,
+def report(root: str, date: str | None = None, out_png: str | None = None, *, margin: float = 0.05,
            storage_options: dict | None = None, console: Console | None = None) -> str:
-    """Print the table for `date` (default: the latest night) and write the chart of the nights up to it to
+    """Print the table for `date` (default: the latest night) and write its chart (pipeline.charts) to
     `out_png` (default `<root>/metrics/scores.png`, any fsspec URL). Nights with results but no metrics
     are scored first. Returns the chart's path."""
-    score_unscored_nights(root, storage_options=storage_options)
+    score_unscored_nights(root, margin=margin, storage_options=storage_options)
     metrics = read_metrics(join(root, "metrics"), storage_options)
     if metrics.is_empty():
         raise FileNotFoundError(f"no metrics under {root.rstrip('/')}/metrics")
     date = date or metrics["date"].max()
     night = metrics.filter(pl.col("date") == date)
     if night.is_empty():
-        raise FileNotFoundError(f"no metrics for {date} under {root.rstrip('/')}/metrics")
+        nights = ", ".join(sorted(metrics["date"].unique().to_list()))
+        raise FileNotFoundError(f"no metrics for {date} under {root.rstrip('/')}/metrics (nights: {nights})")
     (console or Console()).print(metrics_table(night))
     out_png = out_png or join(root, "metrics", "scores.png")
-    fs, path = fsspec.core.url_to_fs(out_png, **(storage_options or {}))
+    write_bytes(out_png, night_chart(metrics.filter(pl.col("date") <= date), date, margin), storage_options)
+    return out_png
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
-        f.write(score_chart(metrics.filter(pl.col("date") <= date)))
-    return out_png
+        f.write(data)
