@@ -4,16 +4,21 @@ The data lives at the URLs of pipeline.layout, so the assets return metadata onl
 pass nothing through an IO manager: each one reads what the one before it wrote. `generations` is a graph:
 one step per adapter shard (LORAFLEET_ADAPTER_SHARDS, default 1), each on its own GPU, then their sum.
 """
-import polars as pl
-from dagster import (AssetExecutionContext, AssetIn, In, MaterializeResult, MetadataValue, Nothing, OpExecutionContext,
-                     Out, asset, graph_asset, op)
+import base64
 
+import polars as pl
+from dagster import (AssetExecutionContext, AssetIn, Config, ConfigMapping, In, MaterializeResult, MetadataValue,
+                     Nothing, OpExecutionContext, Out, TableColumn, TableRecord, TableSchema, asset, graph_asset, op)
+
+from pipeline.charts import night_chart
 from pipeline.layout import metrics_url, requests_url, results_url
-from pipeline.metrics import nightly_metrics
+from pipeline.metrics import nightly_metrics, read_metrics
 from pipeline.plan import AdapterShard, Plan
+from pipeline.report import write_bytes
 from pipeline.requests import parse_requests, read_request_table
 from pipeline.results import ResultStore
 from pipeline.run import RunSummary, plan_run, run_requests
+from pipeline.storage import join
 
 from .partitions import daily
 from .resources import LorafleetResource, adapter_shards_from_env
@@ -23,6 +28,12 @@ ADAPTER_SHARDS = adapter_shards_from_env()
 WORST_ADAPTERS = 10
 WORST_COLUMNS = ["adapter_label", "task", "requests", "error_rate", "exact_match", "chrf", "acc", "acc_norm",
                  "token_perplexity", "delta_exact_match", "delta_chrf", "delta_acc", "regressed_metrics"]
+TABLE_TYPES = {pl.String: "string", pl.Int64: "int", pl.Float64: "float", pl.Boolean: "bool"}
+
+
+class GenerationsConfig(Config):
+    """Run config of `generations` (Launchpad: ops: generations: config: retry_errors: true)."""
+    retry_errors: bool = False   # run the night's error rows again; their new rows replace the old ones
 
 
 @asset(partitions_def=daily, kinds={"parquet"})
@@ -60,12 +71,17 @@ def generate_step(shard: AdapterShard):
     """The step that runs one adapter shard's engine. Its pool, gpu-<i>, has one slot (dagster.yaml): a
     backfill queues the nights' engines instead of putting two on one GPU."""
     @op(name=f"generate_shard_{shard.index}", pool=f"gpu-{shard.index}", ins={"plan": In(Nothing)})
-    def generate(context: OpExecutionContext, lorafleet: LorafleetResource) -> RunSummary:
+    def generate(context: OpExecutionContext, config: GenerationsConfig, lorafleet: LorafleetResource) -> RunSummary:
         date = context.partition_key
         return run_requests(lorafleet.engine_config(shard), requests_url(lorafleet.root, date),
                             results_url(lorafleet.root, date), run_id=context.run.run_id, adapter_shard=shard,
-                            progress=False, log=context.log)
+                            progress=False, retry_errors=config.retry_errors, log=context.log)
     return generate
+
+
+def _each_shard(config: dict) -> dict:
+    """The asset's run config (a GenerationsConfig), given to every shard's step."""
+    return {f"generate_shard_{s.index}": {"config": config} for s in ADAPTER_SHARDS}
 
 
 @op(out=Out(Nothing))
@@ -85,30 +101,36 @@ def sum_shards(context: OpExecutionContext, lorafleet: LorafleetResource, summar
 
 
 @graph_asset(partitions_def=daily, ins={"inference_plan": AssetIn(dagster_type=Nothing)},
-             kinds={"pytorch", "parquet"})
+             kinds={"pytorch", "parquet"}, config=ConfigMapping(config_fn=_each_shard, config_schema=GenerationsConfig.to_config_schema()))
 def generations(inference_plan):
-    """One result row per request; a re-run resumes from the committed rows instead of starting over."""
+    """One result row per request; a re-run resumes from the committed rows instead of starting over, and with
+    `retry_errors` in its run config runs the error rows again."""
     return sum_shards([generate_step(shard)(inference_plan) for shard in ADAPTER_SHARDS])
 
 
 @asset(partitions_def=daily, deps=[generations], kinds={"polars", "parquet"})
 def adapter_metrics(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
-    """One row per adapter: error rate and scores, each compared with the adapter's previous night."""
-    date = context.partition_key
-    table = nightly_metrics(lorafleet.root, date, margin=lorafleet.regression_margin,
-                            storage_options=lorafleet.storage_options)
+    """One row per adapter: error rate and scores, each compared with the adapter's previous night; and the
+    night's chart (pipeline.charts)."""
+    date, so = context.partition_key, lorafleet.storage_options
+    table = nightly_metrics(lorafleet.root, date, margin=lorafleet.regression_margin, storage_options=so)
     worst = table.sort(["regressed", "error_rate", "chrf"], descending=[True, True, False], nulls_last=True)
+    history = read_metrics(join(lorafleet.root, "metrics"), so).filter(pl.col("date") <= date)
+    png = night_chart(history, date, lorafleet.regression_margin)
+    chart_url = join(metrics_url(lorafleet.root, date), "scores.png")
+    write_bytes(chart_url, png, so)
     return MaterializeResult(metadata={
         "url": MetadataValue.path(metrics_url(lorafleet.root, date)),
         "adapters": table.height,
         "regressed": table.filter(pl.col("regressed"))["adapter_label"].to_list(),
-        "worst_adapters": MetadataValue.md(markdown_table(worst.head(WORST_ADAPTERS).select(WORST_COLUMNS))),
+        "worst_adapters": metadata_table(worst.head(WORST_ADAPTERS).select(WORST_COLUMNS)),
+        "chart": MetadataValue.md(f"![scores of {date}](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "chart_url": MetadataValue.path(chart_url),
     })
 
 
-def markdown_table(table: pl.DataFrame) -> str:
-    def cell(value) -> str:
-        return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * table.width]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in table.iter_rows()])
+def metadata_table(table: pl.DataFrame) -> MetadataValue:
+    """A table the UI shows as one (markdown would take the base model's `<base>` for an HTML tag)."""
+    schema = TableSchema(columns=[TableColumn(name, TABLE_TYPES.get(dtype, "string"))
+                                  for name, dtype in table.schema.items()])
+    return MetadataValue.table([TableRecord(row) for row in table.iter_rows(named=True)], schema=schema)

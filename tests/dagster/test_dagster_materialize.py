@@ -1,5 +1,6 @@
 """Two nights materialized in process: the four assets, their metadata, their checks, and a removed row."""
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from dagster_project.assets import adapter_metrics, generations, inference_plan, requests
 from dagster_project.checks import error_rate_under_bound, every_request_has_one_result, no_regressions
+from dagster_project.resources import LorafleetResource
 from dagster_project.ui import INSTANCE_CONFIG
 from fleet_tables import ADAPTER_IDS, DATES
 from pipeline.layout import requests_url, results_url
@@ -49,11 +51,13 @@ def test_two_nights_materialize_with_metadata_and_passing_checks(lorafleet):
             assert run["output_tokens_per_s"] > 0 and run["wall_s"] > 0
             scores = metadata(result, adapter_metrics)
             assert scores["adapters"] == 5 and scores["regressed"] == []
-            header, _, *rows = scores["worst_adapters"].splitlines()
-            assert header.startswith("| adapter_label | task | requests | error_rate |")
-            labels = [row.split(" | ")[0].removeprefix("| ") for row in rows]   # worst (all rows failed) first
+            worst = scores["worst_adapters"]                  # a table, so `<base>` is not taken for a tag
+            assert [c.name for c in worst.schema.columns][:4] == ["adapter_label", "task", "requests", "error_rate"]
+            labels = [row.data["adapter_label"] for row in worst.records]   # worst (all rows failed) first
             assert sorted(labels[:2]) == ["ghost", "not ok!"]
             assert sorted(labels[2:]) == sorted(["<base>", *ADAPTER_IDS])
+            assert scores["chart"].startswith("![scores of ") and "(data:image/png;base64,iVBORw0KGgo" in scores["chart"]
+            assert Path(scores["chart_url"]).read_bytes().startswith(b"\x89PNG")
 
             logs = [e.user_message for e in instance.all_logs(result.run_id)]
             assert any("7 requests (0 already done, 1 invalid rows)" in m for m in logs)  # run_requests' log lines
@@ -84,6 +88,31 @@ def test_a_removed_result_row_fails_the_check_and_a_rerun_brings_it_back(lorafle
         assert resumed["rows_skipped"] == 7 and resumed["rows_ok"] + resumed["rows_failed"] == 1   # not started over
         assert (resumed["rows"], resumed["error_rate"]) == (8, 0.25)          # the night's, not this run's
         assert checks_passed(rerun)["every_request_has_one_result"]
+
+
+def test_retry_errors_in_run_config_reruns_the_error_rows_once(lorafleet, tmp_path):
+    """`ghost` is published after the night ran: a run with retry_errors gives its row a result, replacing the
+    error row, and the night still has one row per request."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(lorafleet.adapters, adapters)
+    fleet = LorafleetResource(**{**lorafleet.model_dump(), "adapters": str(adapters)})
+    date = DATES[0]
+    with dg.instance_for_test() as instance:
+        def run(**run_config) -> dg.ExecuteInProcessResult:
+            return dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets(generations),
+                                  partition_key=date, resources={"lorafleet": fleet}, instance=instance,
+                                  run_config={"ops": {"generations": {"config": run_config}}} if run_config else None)
+
+        assert metadata(run(), generations)["error_rate"] == 0.25
+        shutil.copytree(adapters / ADAPTER_IDS[0], adapters / "ghost")
+        assert metadata(run(), generations)["rows_skipped"] == 8           # error rows count as done...
+        retried = run(retry_errors=True)                                     # ...until retried
+        night = metadata(retried, generations)
+        assert (night["rows_retried"], night["rows_ok"], night["rows_failed"]) == (2, 1, 1)   # `bad` stays bad
+        assert (night["rows"], night["error_rate"]) == (8, 0.125)
+        assert checks_passed(retried)["every_request_has_one_result"]
+    results = pl.read_parquet(f"{results_url(fleet.root, date)}/*.parquet")
+    assert results.filter(pl.col("request_id") == "ghost")["finish_reason"].to_list() == ["length"]
 
 
 def test_generations_waits_while_another_engine_holds_the_gpu_pool(lorafleet):
