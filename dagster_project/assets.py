@@ -133,4 +133,7 @@ def metadata_table(table: pl.DataFrame) -> MetadataValue:
     """A table the UI shows as one (markdown would take the base model's `<base>` for an HTML tag)."""
     schema = TableSchema(columns=[TableColumn(name, TABLE_TYPES.get(dtype, "string"))
                                   for name, dtype in table.schema.items()])
-    return MetadataValue.table([TableRecord(row) for row in table.iter_rows(named=True)], schema=schema)
+    def cell(value):
+        return round(value, 3) if isinstance(value, float) else value
+    return MetadataValue.table([TableRecord({k: cell(v) for k, v in row.items()}) for row in table.iter_rows(named=True)],
+                               schema=schema)

@@ -1,6 +1,7 @@
-"""`make demo`: a tiny fleet, three nights of evaluation, and a planted regression, in a few minutes on a CPU.
+"""A tiny fleet, three nights of evaluation, and a planted regression, in a minute or two on a CPU.
 
-    python -m pipeline.demo [--root demo_data] [--size small|full]
+    python -m pipeline.demo [--root demo_data] [--size small|full]    # the nights through the pipeline calls
+    python -m dagster_project.demo ...                                 # `make demo`: the nights through Dagster
 
 1. Build a tiny Llama with a word-level tokenizer, pretrain it on copying (<root>/model).
 2. LoRA-train one adapter per synthetic task with PEFT, each with its own rank and target modules
@@ -8,10 +9,11 @@
 3. Write the same evaluation set as each night's request table (<root>/requests/date=D/): every adapter
    on its own task, and the base model (null adapter_id) on every task, each generated and as
    multiple-choice questions (the right answer among other tasks' answers, scored by log-likelihood).
-4. Run each night through the pipeline (pipeline.run.run_requests, the call Dagster's `generations` makes)
-   and score it (pipeline.metrics.nightly_metrics). Before the last night the `sort` adapter is
-   republished from a short training run, as a deployment that ships a bad checkpoint would; the
-   metrics must flag it.
+4. Run each night: by default the pipeline's calls (pipeline.run.run_requests, then
+   pipeline.metrics.nightly_metrics, as Dagster's `generations` and `adapter_metrics` make them); `make demo`
+   materializes the night's partition in Dagster instead (dagster_project.demo). Before the last night the
+   `sort` adapter is republished from a short training run, as a deployment that ships a bad checkpoint
+   would; the metrics must flag it.
 5. Print the last night's table, the chart, and the command that opens the same data in Dagster.
 """
 import argparse
@@ -19,9 +21,9 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import polars as pl
@@ -32,7 +34,7 @@ from rich.console import Console
 from engine.config import EngineConfig
 from pipeline.demo_model import build_base_model, build_tokenizer, save_base_model, train, train_adapter
 from pipeline.demo_tasks import EOS, choice_examples, examples
-from pipeline.layout import requests_url, results_url
+from pipeline.layout import nights_before_today, requests_url, results_url
 from pipeline.metrics import nightly_metrics
 from pipeline.report import report
 from pipeline.run import run_requests
@@ -106,12 +108,6 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def default_dates(nights: int = 3) -> list[str]:
-    """The nights before today, so the Dagster partitions (up to yesterday) include them."""
-    today = datetime.now(timezone.utc).date()
-    return [(today - timedelta(days=nights - i)).isoformat() for i in range(nights)]
-
-
 def request_table(date: str, size: DemoSize) -> pl.DataFrame:
     """The night's evaluation set: the same prompts every night, new request ids. Each task is asked twice:
     generated (scored against `reference`) and as 4-choice questions (scored rows, one per choice)."""
@@ -161,21 +157,38 @@ def publish_swapped(root: str, base, tokenizer) -> None:
                   seed=SEED + 999, path=path, lr=adapter.lr)
 
 
+def pipeline_night(root: str, progress: bool = True) -> Callable[[str], str]:
+    """Run and score a night with the pipeline's calls; returns what to print about it."""
+    config = EngineConfig(model=join(root, "model"), adapters=join(root, "adapters"), device="cpu",
+                          dtype="float32", default_max_new_tokens=MAX_NEW_TOKENS)
+
+    def run_night(date: str) -> str:
+        summary = run_requests(config, requests_url(root, date), results_url(root, date), progress=progress,
+                               log=logging.getLogger("lorafleet.demo"))
+        nightly_metrics(root, date)
+        return f"{summary.rows_ok} ok, {summary.rows_failed} failed, {summary.output_tokens_per_s:,.0f} output tokens/s"
+    return run_night
+
+
 def run_demo(root: str = "demo_data", size: str = "full", dates: list[str] | None = None,
-             console: Console | None = None, progress: bool = True) -> DemoResult:
+             console: Console | None = None, progress: bool = True,
+             run_night: Callable[[str], str] | None = None) -> DemoResult:
+    """Train the fleet and evaluate its nights; `run_night(date)` runs and scores one night whose requests
+    are written (default: pipeline_night) and returns a line to print about it."""
+    root = os.path.abspath(root)
     with one_torch_thread():
-        return _run_demo(os.path.abspath(root), SIZES[size], dates or default_dates(), console or Console(), progress)
+        return _run_demo(root, SIZES[size], dates or nights_before_today(), console or Console(),
+                         run_night or pipeline_night(root, progress))
 
 
-def _run_demo(root: str, sizes: DemoSize, dates: list[str], console: Console, progress: bool) -> DemoResult:
+def _run_demo(root: str, sizes: DemoSize, dates: list[str], console: Console,
+              run_night: Callable[[str], str]) -> DemoResult:
     seed_everything(SEED)
     for folder in ("model", "adapters", "requests", "results", "metrics"):   # a rerun starts clean
         shutil.rmtree(join(root, folder), ignore_errors=True)
     base, tokenizer = build_fleet(root, sizes, console)
 
     console.print(f"[bold]3/4[/] {len(dates)} nights of requests: {', '.join(dates)}")
-    config = EngineConfig(model=join(root, "model"), adapters=join(root, "adapters"), device="cpu",
-                          dtype="float32", default_max_new_tokens=MAX_NEW_TOKENS)
     for night, date in enumerate(dates):
         if night == len(dates) - 1:
             console.print(f"    [yellow]{date}: {SWAPPED} replaced by a {SWAPPED_STEPS}-step checkpoint "
@@ -184,11 +197,7 @@ def _run_demo(root: str, sizes: DemoSize, dates: list[str], console: Console, pr
         table = request_table(date, sizes)
         os.makedirs(requests_url(root, date), exist_ok=True)
         table.write_parquet(join(requests_url(root, date), "requests.parquet"))
-        summary = run_requests(config, requests_url(root, date), results_url(root, date), progress=progress,
-                               log=logging.getLogger("lorafleet.demo"))
-        nightly_metrics(root, date)
-        console.print(f"    {date}: {summary.rows_ok} ok, {summary.rows_failed} failed, "
-                      f"{summary.output_tokens_per_s:,.0f} output tokens/s")
+        console.print(f"    {date}: {run_night(date)}", soft_wrap=True, highlight=False)
 
     console.print("[bold]4/4[/] the last night, compared with the night before")
     chart = report(root, dates[-1], None, console=console)
@@ -196,17 +205,27 @@ def _run_demo(root: str, sizes: DemoSize, dates: list[str], console: Console, pr
     return DemoResult(root, dates, metrics, chart)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, night_runner: Callable[[str], Callable[[str], str]] | None = None,
+         prog: str = "python -m pipeline.demo") -> None:
+    """The demo's command line; `night_runner(root)` makes its `run_night` (default: pipeline_night)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="demo_data", help="where the demo writes everything (default: demo_data)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     args = parser.parse_args(argv)
-    console = Console()
-    result = run_demo(args.root, args.size, console=console)
-    for line in (f"\nchart: {result.chart}",
-                 f"results: pl.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)",
-                 f"Dagster UI on these results: LORAFLEET_ROOT={result.root} make ui"):
+    console, root = Console(), os.path.abspath(args.root)
+    result = run_demo(root, args.size, console=console, run_night=night_runner(root) if night_runner else None)
+    for line in next_steps(result, args.root):
         console.print(line, soft_wrap=True, highlight=False)
+
+
+def next_steps(result: DemoResult, root_arg: str) -> list[str]:
+    """What to look at after the demo, and how: the chart, the results, the lorafleet command, the UI."""
+    in_repo = result.root == os.path.abspath("demo_data")
+    return [f"\nchart: {result.chart}",
+            f"results: pl.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)",
+            "the lorafleet command: .venv/bin/lorafleet (or `source .venv/bin/activate` first), e.g.",
+            f"    .venv/bin/lorafleet report {root_arg} --date {result.dates[0]}     # nights: {', '.join(result.dates)}",
+            f"the nights in Dagster: {'' if in_repo else f'LORAFLEET_ROOT={result.root} '}make ui"]
 
 
 if __name__ == "__main__":

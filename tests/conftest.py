@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
     # (peft and transformers do).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# dagster_project's partitions start at the data's first night, found when it is imported: pin them, so the tests'
+# nights are partitions whatever demo_data/ the repo holds (a test that wants the data's start unsets this).
+os.environ.setdefault("LORAFLEET_START_DATE", "2024-01-01")
+
 from tests.checkpoints import build_adapter, build_checkpoint
 
 # adapter id -> build_adapter kwargs: ranks 1 to 64, partial target sets, regex and all-linear targets, rsLoRA
@@ -57,3 +61,26 @@ def fleet(request, tmp_path_factory) -> Fleet:
 @pytest.fixture(scope="session")
 def llama_fleet(tmp_path_factory) -> Fleet:
     return build_fleet(tmp_path_factory.mktemp("fleet-llama-only"), "llama")
+
+
+@dataclass
+class DemoNights:
+    result: object            # pipeline.demo.DemoResult
+    printed: str              # what the demo printed
+    dagster_home: Path        # the instance its nights were materialized into
+
+
+@pytest.fixture(scope="session")
+def demo_nights(tmp_path_factory) -> DemoNights:
+    """The small demo (a minute or two: it trains a tiny model and five adapters) on the three nights before
+    today, each night materialized by Dagster into an instance of its own, as `make demo` does."""
+    from rich.console import Console
+
+    from dagster_project.demo import dagster_nights
+    from pipeline.demo import run_demo
+    root = tmp_path_factory.mktemp("demo")
+    console = Console(record=True, width=160)
+    result = run_demo(str(root / "data"), "small", console=console,
+                      run_night=dagster_nights(str(root / "data"), root / "dagster_home"))
+    return DemoNights(result, console.export_text(), root / "dagster_home")
+

@@ -7,11 +7,12 @@ import pytest
 
 from dagster_project import defs
 from dagster_project.assets import generations
-from dagster_project.partitions import daily
+from dagster_project.partitions import daily, first_night
 from dagster_project.resources import DEMO_ROOT, LorafleetResource, adapter_shards_from_env
 from dagster_project.schedules import new_requests_sensor, nightly_schedule
 from dagster_project.ui import prepare_home
 from fleet_tables import DATES, write_requests
+from pipeline.layout import nights_before_today
 from pipeline.plan import AdapterShard
 
 ASSETS = ["requests", "inference_plan", "generations", "adapter_metrics"]
@@ -43,6 +44,15 @@ def test_partitions_are_complete_days():
     assert daily.get_last_partition_key() == yesterday
     assert all(daily.has_partition_key(d) for d in DATES)
     assert not daily.has_partition_key(datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+
+
+def test_partitions_start_at_the_first_night_with_requests(tmp_path):
+    env = {"LORAFLEET_ROOT": str(tmp_path)}
+    assert first_night(env) == nights_before_today()[0]          # no data yet: where the demo will write
+    for day in ["not-a-date", *reversed(DATES)]:
+        write_requests(tmp_path, day, [ROW])
+    assert first_night(env) == DATES[0]
+    assert first_night({**env, "LORAFLEET_START_DATE": "2025-06-01"}) == "2025-06-01"
 
 
 def test_resource_defaults_to_the_demo_data(monkeypatch):

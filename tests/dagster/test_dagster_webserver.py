@@ -1,6 +1,6 @@
 """The real webserver: `dagster dev` in its own process group, a backfill over two nights (each split into
 two adapter shards, each shard a step in its own process) through GraphQL, the results read back with
-Polars and DuckDB SQL, and the UI in headless Chromium."""
+Polars and DuckDB SQL, and the UI in headless Chromium; and the UI `make ui` opens after `make demo`."""
 import json
 import os
 import signal
@@ -45,6 +45,15 @@ query Backfill($id: String!) {
   }
 }"""
 ASSET_NODES = "{ assetNodes { assetKey { path } } }"
+NIGHTS = """
+{
+  assetNodeOrError(assetKey: {path: ["adapter_metrics"]}) {
+    ... on AssetNode { partitionKeys partitionStats { numMaterialized numPartitions numFailed } }
+  }
+  assetCheckExecutions(assetKey: {path: ["adapter_metrics"]}, checkName: "no_regressions", limit: 10) {
+    status partition
+  }
+}"""
 FINISHED = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
 
@@ -175,3 +184,46 @@ def show_in_chromium(url: str, backfill_id: str) -> None:
             page.screenshot(path=ARTIFACTS / "dagster-backfill.png")
         finally:
             browser.close()
+
+
+@pytest.mark.e2e
+def test_the_demo_opens_on_its_three_nights_and_the_failed_check(demo_nights, tmp_path):
+    """`make demo` materializes its nights into the instance `make ui` opens: the partition set starts at its
+    first night, all three are materialized, and no_regressions failed on the last one only."""
+    env = {name: value for name, value in os.environ.items() if name != "LORAFLEET_START_DATE"}  # from the data
+    env.update(DAGSTER_HOME=str(demo_nights.dagster_home), LORAFLEET_ROOT=demo_nights.result.root)
+    dates = demo_nights.result.dates
+    with dagster_dev(env, tmp_path / "dagster_dev.log") as url:
+        nights = graphql(url, NIGHTS)
+        assert nights["assetNodeOrError"]["partitionKeys"] == dates
+        assert nights["assetNodeOrError"]["partitionStats"] == {"numMaterialized": 3, "numPartitions": 3,
+                                                                 "numFailed": 0}
+        assert sorted((e["partition"], e["status"]) for e in nights["assetCheckExecutions"]) == \
+            [(dates[0], "SUCCEEDED"), (dates[1], "SUCCEEDED"), (dates[2], "FAILED")]
+        show_demo_in_chromium(url)
+
+
+def show_demo_in_chromium(url: str) -> None:
+    """The asset graph: three partitions of each asset, generations' checks passed, no_regressions failed;
+    adapter_metrics: the worst adapters as a table whose base row is named `<base>`, and the chart."""
+    from playwright.sync_api import expect, sync_playwright
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{url}/asset-groups")
+            expect(page.get_by_text("0 / 1 Passed")).to_be_visible(timeout=60_000)    # adapter_metrics' check
+            expect(page.get_by_text("2 / 2 Passed")).to_be_visible()                   # generations'
+            expect(page.get_by_text("3 partitions", exact=True)).to_have_count(len(ASSETS))
+            page.screenshot(path=ARTIFACTS / "dagster-demo-asset-graph.png")
+
+            page.goto(f"{url}/assets/adapter_metrics")
+            expect(page.get_by_role("cell", name="<base>", exact=True)).to_be_visible(timeout=60_000)
+            page.get_by_text("[Show Markdown]").click()
+            expect(page.locator("img[src^='data:image/png']")).to_be_visible()
+            page.wait_for_timeout(1000)   # the dialog fades in
+            page.screenshot(path=ARTIFACTS / "dagster-demo-chart.png")
+        finally:
+            browser.close()
+
