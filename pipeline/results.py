@@ -50,10 +50,6 @@ class ResultStore:
         """request_ids of every committed row (reads only that column)."""
         return set(self.read_columns(["request_id"]).column(0).to_pylist()) - {None}
 
-    def committed_rows_without_id(self) -> int:
-        """Committed error rows of requests that had no request_id."""
-        return self.read_columns(["request_id"]).column(0).null_count
-
     def next_shard_index(self, tag: str = "") -> int:
         names = [SHARD_NAME.fullmatch(p.rsplit("/", 1)[-1]) for p in self.shard_paths()]
         return max((int(m["index"]) for m in names if (m["tag"] or "") == tag), default=-1) + 1

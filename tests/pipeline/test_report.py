@@ -83,3 +83,10 @@ def test_cli_report_without_metrics_says_so_in_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no metrics" in err[0]
+
+
+def test_cli_report_for_a_date_the_data_lacks_lists_the_nights(three_nights, capsys):
+    from pipeline.cli import main
+    assert main(["report", str(three_nights), "--date", "2026-01-02"]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert "no metrics for 2026-01-02" in err and "(nights: 2026-03-01, 2026-03-02, 2026-03-03)" in err
