@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -22,13 +21,13 @@ from engine.request import Request, RequestOutput
 from engine.scoring import encode_request
 from engine.tokenizer import Tokenizer
 from pipeline.chat import ChatError, ChatPrompts
-from pipeline.plan import PREVIEW, AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
+from pipeline.preflight import adapter_root_problem, output_as_found
 from pipeline.progress import Failures, GenerationProgress, per_second
 from pipeline.requests import ParsedRequests, duplicates_summary, parse_requests, read_request_table
 from pipeline.results import ResultStore, ShardWriter, output_lock, write_run_record
 from pipeline.retry import read_committed, supersede
 from pipeline.signals import StopSignals
-from pipeline.storage import filesystem, is_local, join
 
 LOG = logging.getLogger("lorafleet")
 # RunSummary fields taken as they are from the engine's stats
@@ -129,29 +128,6 @@ def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int
         return 1
 
 
-def check_adapter_root(config: EngineConfig, requests: list[Request]) -> None:
-    """Refuse a run whose rows name adapters when the adapter root is not given, does not exist, or holds none
-    of them: a typo in --adapters would otherwise turn every adapter row into an error row."""
-    named = sorted({r.adapter_id for r in requests if r.adapter_id is not None})
-    if not named:
-        return
-    adapters = f"{len(named):,} adapters ({', '.join(named[:PREVIEW])}{', …' * (len(named) > PREVIEW)})"
-    if not config.adapters:
-        raise RunNotStarted(f"the rows name {adapters} but no adapter root was given: pass --adapters <root>")
-    try:
-        fs, root = filesystem(config.adapters, config.storage_options)
-        folders = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
-                   if e["type"] == "directory"} if fs.isdir(root) else None
-    except Exception as e:  # noqa: BLE001 - bad URL, credentials, no such bucket: the run cannot start
-        raise RunNotStarted(f"cannot list the adapter root {config.adapters}: {type(e).__name__}: {e}") from None
-    if folders is None:
-        raise RunNotStarted(f"the adapter root {config.adapters} does not exist, and the rows name {adapters}: "
-                            "check --adapters")
-    if not folders & set(named):
-        raise RunNotStarted(f"the adapter root {config.adapters} holds none of the {adapters} the rows name: "
-                            "check --adapters")
-
-
 def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],
                prompt_lens: dict[str, int]) -> Plan:
     """Plan `requests` for a pool of geometry (block_size, page_numel, num_pages)."""
@@ -209,12 +185,17 @@ def plan_run(config: EngineConfig, requests_url: str,
     """The plan a run of each adapter shard would follow, without loading the model weights (the table is
     read and tokenized once for all of them)."""
     parsed = _read(config, requests_url)
-    check_adapter_root(config, parsed.requests)
+    _check_adapter_root(config, parsed.requests)
     prompt_lens = _tokenize(config, Tokenizer(config.model, config.storage_options), parsed)
     args = load_model_args(config.model, config.storage_options)
     geometry = pool_geometry(config, args)
     return [build_plan(config, args, geometry, _shard_requests(parsed.requests, prompt_lens, shard), prompt_lens)
             for shard in adapter_shards]
+
+
+def _check_adapter_root(config: EngineConfig, requests: list[Request]) -> None:
+    if problem := adapter_root_problem(config, requests):
+        raise RunNotStarted(problem)
 
 
 def new_run_id() -> str:
@@ -248,7 +229,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
     run_id = run_id or new_run_id()
     so = config.storage_options
     parsed = _read(config, requests_url)
-    check_adapter_root(config, parsed.requests)
+    _check_adapter_root(config, parsed.requests)
     summary = RunSummary(run_id, output_url, duplicates=duplicates_summary(parsed.duplicates), started_at=time.time())
     if parsed.duplicates:
         d = summary.duplicates
@@ -256,7 +237,7 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
                     "only the first row of each id is run", d["rows"], d["ids"], ", ".join(map(repr, d["first"])))
     tag = adapter_shard.tag
     failures = Failures()
-    with _as_found_unless_started(output_url, so), output_lock(output_url, so, tag):
+    with output_as_found(output_url, so), output_lock(output_url, so, tag):
         store = ResultStore(output_url, so)
         engine = load_engine(config)
         try:
@@ -305,23 +286,6 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
         summary.set_rates()
         write_run_record(output_url, run_id, "summary.json", json.dumps(summary.to_dict(), indent=1), so, tag)
     return summary
-
-
-@contextmanager
-def _as_found_unless_started(output_url: str, storage_options: dict):
-    """A run that never started (RunNotStarted) leaves the output as it found it: the folders taking its lock
-    made are removed again if they are empty. Object stores have no folders to leave behind."""
-    fs, root = filesystem(output_url, storage_options)
-    made = [p for p in (root, join(root, "_runs")) if is_local(fs) and not fs.exists(p)]
-    try:
-        yield
-    except RunNotStarted:
-        for path in reversed(made):
-            try:
-                fs.rmdir(path)
-            except OSError:   # not empty: something else wrote there meanwhile
-                pass
-        raise
 
 
 def _not_yet_written(rejected: list[RequestOutput], done: set[str], done_without_id: int) -> list[RequestOutput]:
