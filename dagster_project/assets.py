@@ -101,7 +101,8 @@ def sum_shards(context: OpExecutionContext, lorafleet: LorafleetResource, summar
 
 
 @graph_asset(partitions_def=daily, ins={"inference_plan": AssetIn(dagster_type=Nothing)},
-             kinds={"pytorch", "parquet"}, config=ConfigMapping(config_fn=_each_shard, config_schema=GenerationsConfig.to_config_schema()))
+             kinds={"pytorch", "parquet"},
+             config=ConfigMapping(config_fn=_each_shard, config_schema=GenerationsConfig.to_config_schema()))
 def generations(inference_plan):
     """One result row per request; a re-run resumes from the committed rows instead of starting over, and with
     `retry_errors` in its run config runs the error rows again."""
@@ -133,7 +134,6 @@ def metadata_table(table: pl.DataFrame) -> MetadataValue:
     """A table the UI shows as one (markdown would take the base model's `<base>` for an HTML tag)."""
     schema = TableSchema(columns=[TableColumn(name, TABLE_TYPES.get(dtype, "string"))
                                   for name, dtype in table.schema.items()])
-    def cell(value):
-        return round(value, 3) if isinstance(value, float) else value
-    return MetadataValue.table([TableRecord({k: cell(v) for k, v in row.items()}) for row in table.iter_rows(named=True)],
-                               schema=schema)
+    rows = [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+            for row in table.iter_rows(named=True)]
+    return MetadataValue.table([TableRecord(row) for row in rows], schema=schema)

@@ -224,7 +224,7 @@ def next_steps(result: DemoResult, root_arg: str) -> list[str]:
     return [f"\nchart: {result.chart}",
             f"results: pl.read_parquet('{result.root}/results/**/*.parquet', hive_partitioning=True)",
             "the lorafleet command: .venv/bin/lorafleet (or `source .venv/bin/activate` first), e.g.",
-            f"    .venv/bin/lorafleet report {root_arg} --date {result.dates[0]}     # nights: {', '.join(result.dates)}",
+            f"    .venv/bin/lorafleet report {root_arg} --date {result.dates[0]}   # nights: {', '.join(result.dates)}",
             f"the nights in Dagster: {'' if in_repo else f'LORAFLEET_ROOT={result.root} '}make ui"]
 
 

@@ -255,8 +255,8 @@ def run_requests(config: EngineConfig, requests_url: str, output_url: str, *, ru
             summary.rows_skipped = len(mine) + len(invalid) - len(todo) - len(rejected)
             log.info("run %s%s: %d requests (%d already done, %d invalid rows%s) -> %s", run_id,
                      f" (adapter shard {adapter_shard.index}/{adapter_shard.count})" if tag else "", len(todo),
-                     summary.rows_skipped, len(rejected), f", {len(retried)} error rows retried" if retry_errors else "",
-                     output_url)
+                     summary.rows_skipped, len(rejected),
+                     f", {len(retried)} error rows retried" if retry_errors else "", output_url)
             pool = engine.runner.pool
             plan = build_plan(config, engine.runner.args, (pool.block_size, pool.page_numel, pool.num_pages), todo,
                               prompt_lens)

@@ -56,7 +56,7 @@ def test_two_nights_materialize_with_metadata_and_passing_checks(lorafleet):
             labels = [row.data["adapter_label"] for row in worst.records]   # worst (all rows failed) first
             assert sorted(labels[:2]) == ["ghost", "not ok!"]
             assert sorted(labels[2:]) == sorted(["<base>", *ADAPTER_IDS])
-            assert scores["chart"].startswith("![scores of ") and "(data:image/png;base64,iVBORw0KGgo" in scores["chart"]
+            assert scores["chart"].startswith(f"![scores of {date}](data:image/png;base64,iVBORw0KGgo")
             assert Path(scores["chart_url"]).read_bytes().startswith(b"\x89PNG")
 
             logs = [e.user_message for e in instance.all_logs(result.run_id)]
