@@ -55,7 +55,7 @@ def test_run_and_plan_fail_the_same_hostile_rows_and_the_results_read_everywhere
 
     lines = caplog.text.splitlines()
     assert not any(line.startswith(FORGED) for line in lines)          # the id's newline is quoted away
-    assert any(repr(f"evil\n{FORGED}") in line for line in lines)
+    assert any("rows of the base model failed" in line for line in lines)   # counted per adapter, ids not logged
     duplicate_lines = [line for line in lines if "duplicate request_ids" in line]
     assert len(duplicate_lines) == 1 and len(duplicate_lines[0]) < 600, duplicate_lines
     assert "32 rows repeat the id of an earlier row (2 distinct ids" in duplicate_lines[0]
