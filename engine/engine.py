@@ -16,6 +16,7 @@ from engine.model import Transformer
 from engine.model_runner import ModelRunner
 from engine.prefix_cache import siblings_together
 from engine.request import Request, RequestOutput
+from engine.sampling import NONFINITE
 from engine.scheduler import Scheduler
 from engine.scoring import encode_request, logprob_fields, scored_output, scored_sequence, scoring_problem
 from engine.sequence import Sequence
@@ -59,6 +60,13 @@ class EngineStats:
 def default_seed(request_id: str) -> int:
     """Unseeded sampling still repeats on a rerun (resume must reproduce outputs)."""
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
+
+
+def nonfinite_error(seq: Sequence) -> str:
+    """The error of a row whose logits came out NaN or Inf (only that row fails)."""
+    culprit = f"adapter {seq.adapter_id!r}" if seq.adapter_id else "the base model"
+    return (f"non-finite logits (NaN or Inf) at output token {seq.num_output_tokens + 1}: {culprit} computes "
+            f"NaN/Inf on this prompt (weights that hold NaN/Inf or overflow the dtype); check {culprit}'s weights")
 
 
 class Engine:
@@ -154,6 +162,7 @@ class Engine:
         if is_prefill and any(s.is_scored for s in seqs):
             seqs, tokens = self._finish_scored(seqs, tokens, outputs)
         rows = sched.running.rows_of(seqs) if is_prefill else sched.running.order()
+        seqs, rows, tokens = self._fail_nonfinite(seqs, rows, tokens, outputs)
         sched.running.append_tokens(seqs, rows, tokens)
         self.stats.output_tokens += len(seqs)
         for seq in self._finished(seqs, rows, tokens):
@@ -172,6 +181,18 @@ class Engine:
             outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)))
             self.scheduler.finish(seq)
         return list(compress(seqs, generating)), tokens[generating]
+
+    def _fail_nonfinite(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray,
+                        outputs: list[RequestOutput]) -> tuple[list[Sequence], np.ndarray, np.ndarray]:
+        """Fail the rows whose logits were NaN or Inf, and only those; the rest of the step goes on."""
+        bad = tokens == NONFINITE
+        if not bad.any():
+            return seqs, rows, tokens
+        for i in np.flatnonzero(bad).tolist():
+            self.scheduler.finish(seqs[i])
+            outputs.append(self._output(seqs[i], nonfinite_error(seqs[i])))
+        keep = ~bad
+        return list(compress(seqs, keep)), rows[keep], tokens[keep]
 
     def _finished(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray) -> list[Sequence]:
         """The sequences the newest tokens finish (EOS, a stop string, or their length), each with its

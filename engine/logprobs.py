@@ -39,7 +39,8 @@ def _top_lists(ids: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, 
 def record_generated(logits: torch.Tensor, tokens: list[int], seqs: list) -> None:
     """Append the log-prob (and alternatives) of each sequence's new token, for generating sequences whose
     request asks for logprobs. logits [B, vocab]: the row each token was sampled from."""
-    asked = [i for i, seq in enumerate(seqs) if seq.request.logprobs is not None and not seq.is_scored]
+    asked = [i for i, seq in enumerate(seqs)   # a negative token (NONFINITE): the row fails, nothing to record
+             if seq.request.logprobs is not None and not seq.is_scored and tokens[i] >= 0]
     if not asked:
         return
     top_n = max(seqs[i].request.logprobs for i in asked)

@@ -82,10 +82,10 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], decode_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One forward pass, a prefill of `seqs` or the decode step that `decode_inputs` describes
-        (RunningBatch.decode_inputs, its rows in the order of `seqs`); returns each sequence's next token (a
-        scored sequence's is not used: its log-probs are on it)."""
+        (RunningBatch.decode_inputs, its rows in the order of `seqs`); returns each sequence's next token
+        (NONFINITE where its logits were NaN or Inf; a scored sequence's is not used: its log-probs are on it)."""
         logits = self.prefill_logits(seqs) if decode_inputs is None else self.decode_logits(decode_inputs)
-        tokens = np.asarray(sample_next_tokens(logits, seqs), dtype=np.int64)
+        tokens = sample_next_tokens(logits, seqs)
         record_generated(logits, tokens, seqs)
         return tokens
 

@@ -1,7 +1,5 @@
-"""A request's state while the engine works on it: tokens, KV block table, status, sampler."""
+"""A request's state while the engine works on it: tokens, KV block table, status, sampling seed."""
 from enum import Enum, auto
-
-import torch
 
 from engine.logprobs import TokenLogprobs
 from engine.request import Request
@@ -33,8 +31,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.output_text: str | None = None
         self.preemptions = 0
-        # One generator per request: its samples do not depend on what it is batched with.
-        self.generator = torch.Generator().manual_seed(seed)
+        # With the position of each token, the seed alone decides what is sampled (engine/sampling.py);
+        # any integer is taken modulo 2**64 and held as the int64 the sampler reads.
+        self.seed = (seed + (1 << 63)) % (1 << 64) - (1 << 63)
 
     @property
     def is_scored(self) -> bool:

@@ -7,6 +7,7 @@ from engine.engine import Engine
 from engine.request import Request, SamplingParams
 from engine.sampling import sample_next_tokens
 from engine.sequence import Sequence
+from tests.checkpoints import write_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,27 @@ def test_prompt_checks_become_error_outputs(engine):
     assert "context allows" in out["long"].error and "outside the vocabulary" in out["oov"].error
     assert "empty prompt" in out["empty"].error
     assert out["capped"].output_tokens == 3 and out["capped"].finish_reason in ("length", "stop")
+
+
+def test_rows_whose_logits_are_not_finite_fail_alone(llama_fleet, tmp_path):
+    """An adapter with finite weights too large for float32 (no load-time check can refuse it) makes its rows'
+    logits NaN: those rows fail, greedy and sampled alike, and every other row comes out as without them."""
+    for name, std in (("huge", 1e25), ("fine", 0.2)):
+        write_peft_adapter(tmp_path / name, 64, 128, 2, 32, rank=4, targets=["q_proj", "down_proj"], alpha=8,
+                           seed=3, init_std=std)
+    engine = Engine(EngineConfig(model=str(llama_fleet.model), adapters=str(tmp_path), cpu_pool_bytes=16 << 20))
+    sampled = dict(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=4)
+    good = [Request(f"{a}-{kind}", a, prompt_token_ids=[5, 9, 14], sampling=SamplingParams(**params))
+            for a in (None, "fine") for kind, params in (("greedy", dict(max_new_tokens=6)), ("sampled", sampled))]
+    bad = [Request("huge-greedy", "huge", prompt_token_ids=[5, 9]),
+           Request("huge-sampled", "huge", prompt_token_ids=[7, 9, 2], sampling=SamplingParams(**sampled),
+                   logprobs=2)]                          # no log-probs to record for a row that fails
+    alone = run(engine, *good)
+    mixed = run(engine, *(good[:2] + bad + good[2:]))
+    for request in bad:
+        out = mixed[request.request_id]
+        assert out.finish_reason == "error" and out.output_token_ids == []
+        assert "non-finite logits (NaN or Inf) at output token 1: adapter 'huge'" in out.error
+    assert {rid: o.output_token_ids for rid, o in mixed.items() if not rid.startswith("huge")} == \
+        {rid: o.output_token_ids for rid, o in alone.items()}
+    assert all(o.error is None and o.output_tokens == 6 for o in alone.values())
