@@ -2,13 +2,14 @@
 
 Tokens of all sequences in a batch are packed into one flat dimension (no padding). The forward pass
 takes a `Batch` that says where each token's K/V goes in the paged cache, how to attend, and which
-adapter slot each token uses; LoRA deltas are added right after each base projection.
+adapter slot each token uses; LoRA deltas are added right after each base projection. The small ops
+(RMSNorm with the residual add, RoPE with the K/V cache write, SiLU-and-mul) and attention come from
+`batch.ops`: fused Triton kernels on CUDA, their torch references elsewhere.
 """
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -94,22 +95,15 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the residual is updated in place (kernels/rms_norm.py)."""
+        return ops.rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -130,11 +124,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.n_heads, self.head_dim)
         k = k.view(-1, self.n_kv_heads, self.head_dim)
         v = v.view(-1, self.n_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        pages, offsets = batch.slot_mapping // self.k_cache.shape[1], batch.slot_mapping % self.k_cache.shape[1]
-        self.k_cache[pages, offsets] = k
-        self.v_cache[pages, offsets] = v
+        batch.ops.rope_and_store_kv(q, k, v, cos, sin, self.k_cache, self.v_cache, batch.slot_mapping)
         if batch.is_prefill and batch.block_tables is not None:   # after shared prefix pages (engine/prefix_cache.py)
             o = batch.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, batch.block_tables, batch.cu_seqlens,
                                                   batch.context_lens, batch.max_seqlen, self.scale)
@@ -159,8 +149,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         batch.lora.add(gate_up, x, self.layer, "gate_up")
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = batch.ops.silu_and_mul(gate_up)
         out = self.down_proj(h)
         batch.lora.add(out, h, self.layer, "down")
         return out
@@ -174,9 +163,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, layer)
 
-    def forward(self, x, cos, sin, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x, residual, cos, sin, batch):
+        """(this layer's MLP output, the residual stream before it): the next norm adds the two."""
+        x, residual = self.input_layernorm(x, residual, batch.ops)
+        x = self.self_attn(x, cos, sin, batch)
+        x, residual = self.post_attention_layernorm(x, residual, batch.ops)
+        return self.mlp(x, batch), residual
 
 
 class Transformer(nn.Module):
@@ -193,13 +185,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: "Batch") -> torch.Tensor:
         """Hidden states [T, hidden] for the packed tokens of the batch."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, batch)
+        return self.norm(x, residual, batch.ops)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -14,7 +14,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine.lora import DECODE_TILE, PREFILL_TILE
-from kernels import lora_expand, lora_shrink, paged_attention_decode, paged_prefill_attention, prefill_attention
+from kernels import (lora_expand, lora_shrink, paged_attention_decode, paged_prefill_attention, prefill_attention,
+                     rms_norm, rope_and_store_kv, silu_and_mul)
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                 torch.int64: "i64"}
@@ -54,8 +55,9 @@ def main() -> None:
     # the package exports each module's function under the module's name, so reach the modules by import
     launches = [CompileInsteadOfLaunch(importlib.import_module(f"kernels.{module}"), kernel) for module, kernel in [
         ("lora_shrink", "_shrink_kernel"), ("lora_expand", "_expand_kernel"),
-        ("paged_attention", "_paged_decode_kernel"), ("prefill_attention", "_prefill_kernel"),
-        ("paged_prefill_attention", "_paged_prefill_kernel")]]
+        ("paged_attention", "_paged_decode_kernel"), ("paged_attention", "_reduce_splits_kernel"),
+        ("prefill_attention", "_prefill_kernel"), ("paged_prefill_attention", "_paged_prefill_kernel"),
+        ("rms_norm", "_rms_norm_kernel"), ("rope_kv", "_rope_kv_kernel"), ("silu_and_mul", "_silu_and_mul_kernel")]]
     ints = dict(dtype=torch.int32)
     for dtype in (torch.bfloat16, torch.float32):                 # fp16 lowers as bf16 does
         pool = torch.zeros(4096, dtype=dtype)
@@ -70,8 +72,16 @@ def main() -> None:
                 lora_expand(torch.zeros(tile_size, 96, dtype=dtype), xa, pool, a_rows, ranks, scales, tiles,
                             tile_size, (0, 32, 64, 96))
         kv = torch.zeros(4, 2, 16, 2, 128, dtype=dtype)
-        paged_attention_decode(torch.zeros(3, 8, 128, dtype=dtype), kv[:, 0], kv[:, 1], torch.zeros(3, 2, **ints),
-                               torch.ones(3, **ints), 0.1)
+        for batch, max_blocks in [(3, 2), (1, 256)]:                             # one pass; context splits
+            paged_attention_decode(torch.zeros(batch, 8, 128, dtype=dtype), kv[:, 0], kv[:, 1],
+                                   torch.zeros(batch, max_blocks, **ints), torch.ones(batch, **ints), 0.1)
+        x = torch.zeros(5, 4096, dtype=dtype)
+        rms_norm(x, None, x[0], 1e-5)
+        rms_norm(x, x.clone(), x[0], 1e-5)
+        qkv = torch.zeros(5, 12, 128, dtype=dtype)
+        rope_and_store_kv(qkv[:, :8], qkv[:, 8:10], qkv[:, 10:], x[:, :128], x[:, :128], kv[:, 0], kv[:, 1],
+                          torch.zeros(5, dtype=torch.int64))
+        silu_and_mul(torch.zeros(5, 2 * 11008, dtype=dtype))
         q = torch.zeros(10, 8, 128, dtype=dtype)
         prefill_attention(q, q[:, :2], q[:, 2:4], torch.tensor([0, 10], **ints), 10, 0.1)
         paged_prefill_attention(q, kv[:, 0], kv[:, 1], torch.zeros(1, 2, **ints), torch.tensor([0, 10], **ints),

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import kernels.paged_attention as paged
 from kernel_cases import DEVICE, DTYPES, TOLERANCES
 from kernels import paged_attention_decode, paged_attention_decode_ref, prefill_attention, prefill_attention_ref
 
@@ -72,6 +73,30 @@ def test_paged_decode_matches_reference(context_lens, heads, block_size, dtype):
     out = paged_attention_decode(*case, 0.3)
     assert out.dtype == dtype and out.shape == case[0].shape
     assert_close(out, paged_attention_decode_ref(*case, 0.3), **TOLERANCES[dtype])
+
+
+def test_decode_splits_fill_the_device_only_when_the_batch_cannot():
+    assert paged.decode_splits(256, 32, 4096, 132) == 1                 # 8,192 programs already
+    assert paged.decode_splits(1, 32, 4096, 132) == 16                  # 4 programs an SM, context permitting
+    assert paged.decode_splits(1, 8, 512, 132) == 2                     # >= MIN_SPLIT_TOKENS positions each
+    assert paged.decode_splits(4, 2, 100, 132) == 1                     # too short to split
+    assert paged.decode_splits(8, 8, 1 << 20, 132) == 9
+
+
+# splits None: the wrapper's own choice (4 for one sequence of 1,000 on 2 kv heads)
+SPLIT_CASES = [([700, 1, 0, 300], 2), ([700, 1, 0, 300], 8), ([700, 1, 0, 300], None), ([1000], None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("context_lens, splits", SPLIT_CASES)
+def test_split_decode_matches_reference_and_repeats_bit_for_bit(context_lens, heads, splits, dtype, monkeypatch):
+    if splits is not None:
+        monkeypatch.setattr(paged, "decode_splits", lambda *args: splits)
+    case = make_decode_case(*heads, 16, context_lens, dtype)
+    out = paged_attention_decode(*case, 0.3)
+    assert_close(out, paged_attention_decode_ref(*case, 0.3), **TOLERANCES[dtype])
+    assert torch.equal(out, paged_attention_decode(*case, 0.3))        # a fixed-order reduce: no atomics
 
 
 def make_prefill_case(n_heads, n_kv_heads, head_dim, seq_lens, dtype, seed=0):

@@ -19,6 +19,7 @@ def test_every_launch_configuration_compiles_for_sm90():
     done = subprocess.run([sys.executable, str(SCRIPT)], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for kernel in ("_shrink_kernel", "_expand_kernel", "_paged_decode_kernel", "_prefill_kernel",
-                   "_paged_prefill_kernel"):
+    for kernel in ("_shrink_kernel", "_expand_kernel", "_paged_decode_kernel", "_reduce_splits_kernel",
+                   "_prefill_kernel", "_paged_prefill_kernel", "_rms_norm_kernel", "_rope_kv_kernel",
+                   "_silu_and_mul_kernel"):
         assert kernel in done.stdout
