@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.request import Request, SamplingParams
-from engine.sampling import NONFINITE, SamplingBatch, log_exponentials, sample_next_tokens, sample_tokens
+from engine.sampling import (NONFINITE, SamplingBatch, log_exponentials, sample_next_tokens, sample_tokens,
+                             sorted_descending)
 from engine.sequence import Sequence
 from tests.engine.test_cuda_graphs import NoHostSync
 
@@ -143,3 +144,18 @@ def test_sampling_reads_nothing_back_from_the_device():
     with NoHostSync():
         sample_tokens(logits, p)
         sample_tokens(logits, None)
+
+
+def test_the_cpu_sort_gives_torch_sort_values():
+    x = (torch.randn(50, 300, generator=torch.Generator().manual_seed(7)) * 3).round(decimals=1)
+    x[3, :40] = float("-inf")
+    assert torch.equal(sorted_descending(x), x.sort(dim=-1, descending=True).values)
+    assert sorted_descending(torch.empty(3, 5, device="meta")).shape == (3, 5)        # the device path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_draws_the_cpu_tokens():
+    logits, p = mixed_batch(300, 97)
+    on_gpu = SamplingBatch(p.temperature.cuda(), p.top_k.cuda(), p.top_p.cuda(), p.seed.cuda(), p.position.cuda(),
+                           p.truncates)
+    assert torch.equal(sample_tokens(logits.cuda(), on_gpu)[0].cpu(), sample_tokens(logits, p)[0])

@@ -1,5 +1,7 @@
 """Paged decode and varlen causal prefill attention: references against a naive float64 softmax, Triton
 kernels against the references, over head layouts (MHA, GQA, MQA), odd head dims, page sizes and lengths."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -81,6 +83,15 @@ def test_decode_splits_fill_the_device_only_when_the_batch_cannot():
     assert paged.decode_splits(1, 8, 512, 132) == 2                     # >= MIN_SPLIT_TOKENS positions each
     assert paged.decode_splits(4, 2, 100, 132) == 1                     # too short to split
     assert paged.decode_splits(8, 8, 1 << 20, 132) == 9
+
+
+def test_sm_count_reads_the_device_properties_on_cuda(monkeypatch):
+    paged.sm_count.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=78))
+    try:
+        assert paged.sm_count(torch.device("cuda", 0)) == 78 and paged.sm_count(torch.device("cpu")) == 132
+    finally:
+        paged.sm_count.cache_clear()
 
 
 # splits None: the wrapper's own choice (4 for one sequence of 1,000 on 2 kv heads)
