@@ -15,6 +15,7 @@ from engine.request import GREEDY_BELOW
 from engine.sequence import Sequence
 
 NONFINITE = -1          # sample_next_tokens' token for a row whose logits hold a NaN or an Inf
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _signed(c: int, bits: int) -> int:
@@ -66,20 +67,25 @@ def sorted_descending(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
+def drop_below(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """In place: each value of x under its row's threshold [B, 1] becomes about -FLOAT32_MAX, which no softmax
+    weighs and no argmax picks. Float arithmetic, not a boolean mask: a masked fill costs ~10x more on CPU."""
+    return x.add_((x - threshold).clamp_(max=0).sign_().mul_(FLOAT32_MAX))
+
+
 def keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row, the least scaled logit a token needs to be kept: top-k first (ties with the k-th kept), then
-    the smallest set of the remaining tokens whose probability reaches top_p. A threshold, not a token list,
-    so how a sort orders ties changes nothing."""
+    """Per row, the least scaled logit a token needs to be kept [B, 1]: top-k first (ties with the k-th kept),
+    then the smallest set of the remaining tokens whose probability reaches top_p. A threshold, not a token
+    list, so how a sort orders ties changes nothing; the largest logit always stays."""
     vocab = scaled.shape[-1]
     ordered = sorted_descending(scaled)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     kth = ordered.gather(1, (k - 1)[:, None])
-    ordered.masked_fill_(ordered < kth, float("-inf"))
-    reached = ordered.softmax(dim=-1).cumsum_(dim=-1) < top_p[:, None]
+    reached = drop_below(ordered, kth).softmax(dim=-1).cumsum_(dim=-1) < top_p[:, None]
     n_keep = (reached.sum(dim=-1) + 1).clamp_(max=vocab)                 # the token that reaches top_p stays
     nucleus = ordered.gather(1, (n_keep - 1)[:, None])
     nucleus = torch.where(top_p[:, None] < 1, nucleus, float("-inf"))    # top_p 1: rounding must not cut
-    return torch.maximum(kth, nucleus).squeeze(1)
+    return torch.maximum(kth, nucleus)
 
 
 @dataclass
@@ -115,16 +121,15 @@ def sample_tokens(logits: torch.Tensor, params: SamplingBatch | None) -> tuple[t
     A row whose logits hold a NaN or an Inf is flagged in `nonfinite` (its token means nothing): the caller
     fails exactly those rows."""
     nonfinite = ~(logits.amax(dim=-1).isfinite() & logits.amin(dim=-1).isfinite())   # both propagate NaN
-    greedy = logits.argmax(dim=-1)
     if params is None:
-        return greedy, nonfinite
-    is_greedy = params.temperature < GREEDY_BELOW
-    scaled = logits / torch.where(is_greedy, 1.0, params.temperature)[:, None]
+        return logits.argmax(dim=-1), nonfinite
+    sampled = params.temperature >= GREEDY_BELOW
+    scaled = logits / torch.where(sampled, params.temperature, 1.0)[:, None]
     if params.truncates:
-        threshold = keep_threshold(scaled, params.top_k, params.top_p)
-        scaled.masked_fill_(scaled < threshold[:, None], float("-inf"))
-    scores = scaled.sub_(log_exponentials(params.seed, params.position, logits.shape[-1]))
-    return torch.where(is_greedy, greedy, scores.argmax(dim=-1)), nonfinite
+        drop_below(scaled, keep_threshold(scaled, params.top_k, params.top_p))
+    # greedy rows get no noise: their argmax is the plain one (truncation always keeps the largest logit)
+    noise = log_exponentials(params.seed, params.position, logits.shape[-1]).mul_(sampled[:, None])
+    return scaled.sub_(noise).argmax(dim=-1), nonfinite
 
 
 def sample_next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> np.ndarray:
