@@ -17,7 +17,7 @@ def rope_and_store_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 
     q [T, Hq, D], k and v [T, Hkv, D] (may be strided views of one qkv projection); cos, sin [T, D] in q's
     dtype, each half the same; k_cache, v_cache [num_pages, block_size, Hkv, D] (strided views of the pool);
-    slot_mapping int64 [T]: page * block_size + offset of each token. In place: q = q * cos + rotate_half(q)
+    slot_mapping int32/int64 [T]: page * block_size + offset of each token. In place: q = q * cos + rotate_half(q)
     * sin, the same for k, then k and v are written to their slots.
     """
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -53,7 +53,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_
     r2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
     tl.store(x_ptr, r1, mask=mask)
     tl.store(x_ptr + half, r2, mask=mask)
-    slot = tl.load(slot_ptr + t)
+    slot = tl.load(slot_ptr + t).to(tl.int64)                   # page * page stride passes 2**31
     page, offset = slot // block_size, slot % block_size
     k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + kv_heads * stride_kch)[:, None] + dims[None, :]
     tl.store(k_dst, r1, mask=kv_mask)
@@ -74,7 +74,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     assert q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype
     assert q.stride(2) == k.stride(2) == v.stride(2) == cos.stride(1) == sin.stride(1) == 1
     assert cos.shape == sin.shape == (tokens, head_dim) and slot_mapping.shape == (tokens,)
-    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    assert slot_mapping.dtype in (torch.int32, torch.int64) and slot_mapping.is_contiguous()
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (n_kv_heads, head_dim)
     assert k_cache.stride(3) == v_cache.stride(3) == 1
     if tokens == 0:

@@ -49,7 +49,7 @@ def test_a_tiny_temperature_samples_the_top_token(temperature):
     logits = torch.tensor([[0.5, 2.0, 1.9, -3.0]])
     seq = Sequence(Request("x", None, prompt_token_ids=[1], sampling=SamplingParams(temperature=temperature)),
                    [1], 4, 0)
-    assert sample_next_tokens(logits, [seq]) == [1]
+    assert sample_next_tokens(logits, [seq]).tolist() == [1]
 
 
 def test_stop_string_truncates_text_and_finishes(engine):

@@ -64,7 +64,7 @@ ROPE_SCALING = {"default": None, "linear": {"rope_type": "linear", "factor": 4.0
 ROPE_HEADS = [(4, 4, 64), (8, 2, 128), (6, 1, 64), (4, 2, 16)]
 
 
-def rope_case(tokens, n_heads, n_kv_heads, head_dim, block_size, scaling, dtype, seed=0):
+def rope_case(tokens, n_heads, n_kv_heads, head_dim, block_size, scaling, dtype, slot_dtype=torch.int64, seed=0):
     """q/k/v as views of one qkv projection; caches as strided views of an engine-like pool
     [pages, layers, 2, block, Hkv, D]; tokens at random distinct slots of random pages."""
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +73,7 @@ def rope_case(tokens, n_heads, n_kv_heads, head_dim, block_size, scaling, dtype,
                                                                  n_kv_heads * head_dim], dim=1))
     n_pages = -(-tokens // block_size) + 3
     pool = torch.zeros(n_pages, 2, 2, block_size, n_kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    slots = torch.randperm(n_pages * block_size, generator=gen)[:tokens].to(DEVICE)
+    slots = torch.randperm(n_pages * block_size, generator=gen)[:tokens].to(DEVICE, slot_dtype)
     positions = torch.randint(0, 4000, (tokens,), generator=gen)
     cos, sin = cos_sin(positions, head_dim, ROPE_SCALING[scaling], dtype)
     return q, k, v, cos, sin, pool[:, 1, 0], pool[:, 1, 1], slots, pool
@@ -97,10 +97,10 @@ def test_rope_reference_rotates_pairs_and_fills_the_slots():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", ROPE_HEADS)
 @pytest.mark.parametrize("scaling", list(ROPE_SCALING))
-@pytest.mark.parametrize("tokens, block_size", [(1, 16), (19, 8)])
-def test_rope_and_kv_write_match_reference(tokens, block_size, scaling, heads, dtype):
-    case = rope_case(tokens, *heads, block_size, scaling, dtype)
-    expected = rope_case(tokens, *heads, block_size, scaling, dtype)
+@pytest.mark.parametrize("tokens, block_size, slot_dtype", [(1, 16, torch.int64), (19, 8, torch.int32)])
+def test_rope_and_kv_write_match_reference(tokens, block_size, slot_dtype, scaling, heads, dtype):
+    case = rope_case(tokens, *heads, block_size, scaling, dtype, slot_dtype)
+    expected = rope_case(tokens, *heads, block_size, scaling, dtype, slot_dtype)
     rope_and_store_kv(*case[:8])
     rope_and_store_kv_ref(*expected[:8])
     q, k, v, pool = case[0], case[1], case[2], case[8]
