@@ -81,9 +81,10 @@ def keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     ordered = sorted_descending(scaled)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     kth = ordered.gather(1, (k - 1)[:, None])
-    reached = drop_below(ordered, kth).softmax(dim=-1).cumsum_(dim=-1) < top_p[:, None]
-    n_keep = (reached.sum(dim=-1) + 1).clamp_(max=vocab)                 # the token that reaches top_p stays
-    nucleus = ordered.gather(1, (n_keep - 1)[:, None])
+    mass = drop_below(ordered, kth).softmax(dim=-1).cumsum_(dim=-1)    # non-decreasing: sums of p >= 0
+    below = torch.searchsorted(mass, top_p[:, None])                     # how many fall short of top_p
+    n_keep = (below + 1).clamp_(max=vocab)                               # the token that reaches top_p stays
+    nucleus = ordered.gather(1, n_keep - 1)
     nucleus = torch.where(top_p[:, None] < 1, nucleus, float("-inf"))    # top_p 1: rounding must not cut
     return torch.maximum(kth, nucleus)
 

@@ -24,7 +24,7 @@ def run_bench(mode: str, out: Path) -> tuple[dict, str]:
     return json.loads((out / "bench_step.json").read_text()), run.stdout
 
 
-@pytest.mark.slow      # ~20 s on an idle 2-core CPU: a tiny model through 7 cases, 2 profiles and the stubs
+@pytest.mark.slow      # 10-30 s on the 2-core CPU: a tiny model through 7 cases, 2 profiles and the stubs
 def test_tiny_run_reports_every_case_profile_and_host_figure(tmp_path):
     data, stdout = run_bench("--tiny", tmp_path)
     assert [c["case"] for c in data["cases"]] == CASES
