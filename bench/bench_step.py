@@ -5,8 +5,8 @@ device time goes, on a Llama-2-7B-shaped model with random bf16 weights and CUDA
   python -m bench.bench_step --tiny     # CPU, tiny float32 model: runs every code path; its numbers mean nothing
   python -m bench.bench_step --stub     # CPU: the engine's own work per decode step (model stubbed) and the sampler
 
-step: wall time per decode step (every row of a case has the same prompt, so the batch stays full; context
-~280 on the GPU). roofline: weight + KV + adapter bytes the step must read, over the bandwidth of a large
+step: wall time per decode step on a GPU, CPU time on CPU (every row of a case has the same prompt, so the
+batch stays full; context ~280 on the GPU). roofline: weight + KV + adapter bytes the step must read, over the bandwidth of a large
 device copy measured in the same run (bench/roofline.py). host: the same steps with the model stubbed
 (bench/stub_model.py): scheduling, inputs, graph buffers, sampling, bookkeeping. The `sampled` case draws
 every row with temperature 0.8 and top-p 0.9 (compared with the greedy case of its batch). Profile: the

@@ -4,7 +4,8 @@ A sampled row draws with the exponential race (Gumbel-max): token = argmax over 
 logit / temperature - log(E), with E ~ Exp(1) per token from a counter-based stream keyed by the row's
 (seed, position). A row's token so depends only on its logits, its seed and the position of the token being
 chosen: not on its batch, the step, or a generator's state, so preemption, resume and batching repeat it.
-No row is handled alone on the host and nothing here reads the device, so it runs inside the step's stream.
+No row is handled alone on the host, and sample_tokens reads nothing back from the device: parameters come
+as per-row tensors, so the whole batch is one pass queued on the step's stream.
 """
 from dataclasses import dataclass
 
