@@ -5,41 +5,55 @@ pool pages, packed back to back (a row never straddles two pages), so a rank-8 a
 of the pages of a rank-64 one. For each projection group the kernels read, per layer:
   a_rows/b_rows [n_slices, slots, max_rank]: element offset of each row in the flat pool,
   ranks [n_slices, slots] (0 = the adapter does not target that slice), scales [n_slices, slots].
+A load is one copy of the adapter file's tensor bytes to the device (and one of its small tables), then one
+kernel (kernels/adapter_rows.py) that writes the rows into the pages, transposing lora_B on the way.
 Which adapter to load or evict is the scheduler's decision; this class only does it.
 """
+import math
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from engine.adapters import AdapterWeights
+from engine.adapter_file import FLOAT_DTYPES, AdapterFile
 from engine.model import LORA_GROUPS, ModelArgs
 from engine.page_pool import PagePool
+from kernels import kernel_ops
 
 GROUP_OF = {m: (g, i) for g, members in LORA_GROUPS.items() for i, m in enumerate(members)}
+ROW_COLUMNS = ("src", "step", "length")   # with "dst": what scatter_rows reads per row
 
 
-def row_layout(pieces: list[tuple[int, int]], page_numel: int) -> tuple[list[torch.Tensor], int]:
+def row_layout(pieces: list[tuple[int, int]], page_numel: int) -> tuple[list[tuple[int, int, int]], int]:
     """Place pieces of (rows, row_len) back to back in pages without splitting a row across pages.
 
-    Returns each piece's row offsets (relative to the adapter's first page, pages laid end to end)
-    and the number of pages used. One layout serves the page estimate and the real load.
+    Returns runs (piece, offset of the run's first row, rows), offsets relative to the adapter's first page
+    with pages laid end to end, and the number of pages used. One layout serves the planner's page estimate
+    and the real load; it costs O(pieces + pages), whatever the ranks.
     """
-    page, used, offsets = 0, 0, []
-    for rows, row_len in pieces:
+    page, used, runs = 0, 0, []
+    for i, (rows, row_len) in enumerate(pieces):
         assert row_len <= page_numel, f"a row of {row_len} does not fit a page of {page_numel}"
-        piece, placed = [], 0
+        placed = 0
         while placed < rows:
             fit = min(rows - placed, (page_numel - used) // row_len)
             if fit == 0:
                 page, used = page + 1, 0
                 continue
-            start = page * page_numel + used
-            piece.append(torch.arange(start, start + fit * row_len, row_len))
+            runs.append((i, page * page_numel + used, fit))
             used, placed = used + fit * row_len, placed + fit
-        offsets.append(torch.cat(piece) if piece else torch.empty(0, dtype=torch.int64))
-    return offsets, page + 1 if used else page
+    return runs, page + 1 if used else page
+
+
+def row_offsets(runs: list[tuple[int, int, int]], pieces: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Each piece's row offsets from row_layout's runs."""
+    offsets: list[list[np.ndarray]] = [[] for _ in pieces]
+    for piece, start, rows in runs:
+        offsets[piece].append(start + pieces[piece][1] * np.arange(rows, dtype=np.int64))
+    return [np.concatenate(o) if o else np.empty(0, np.int64) for o in offsets]
 
 
 def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[tuple[int, int]]:
@@ -51,65 +65,116 @@ def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[t
     return pieces
 
 
+@dataclass(frozen=True)
+class MetaLayout:
+    """An adapter's int64 metadata buffer: the rows' pool offsets ("dst") and the kernels' row tables first
+    (offsets relative to the adapter's first page until placed), then the rows' sources, the ranks, and the
+    scales (float64 in int64 slots). Host and device read the buffer through the same views."""
+    parts: tuple[tuple[str, int, tuple[int, ...]], ...]    # name, first element, shape
+    numel: int
+    placed: int                                            # meta[:placed] holds pool offsets
+
+    @classmethod
+    def of(cls, num_rows: int, args: ModelArgs, max_rank: int) -> "MetaLayout":
+        shapes = [("dst", (num_rows,))]
+        shapes += [(f"{t}.{g}", (args.num_layers, len(m), max_rank)) for t in ("a_rows", "b_rows")
+                   for g, m in LORA_GROUPS.items()]
+        placed = sum(math.prod(shape) for _, shape in shapes)
+        shapes += [(c, (num_rows,)) for c in ROW_COLUMNS]
+        shapes += [(f"{t}.{g}", (args.num_layers, len(m))) for t in ("ranks", "scales")
+                   for g, m in LORA_GROUPS.items()]
+        parts, pos = [], 0
+        for name, shape in shapes:
+            parts.append((name, pos, shape))
+            pos += math.prod(shape)
+        return cls(tuple(parts), pos, placed)
+
+    def views(self, meta: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, start, shape in self.parts:
+            view = meta[start:start + math.prod(shape)]
+            views[name] = (view.view(torch.float64) if name.startswith("scales") else view).view(shape)
+        return views
+
+
+@dataclass
+class RowSource:
+    """The rows whose weights are stored in one dtype: their byte span in the weights and their range of rows."""
+    dtype: torch.dtype
+    start: int
+    end: int
+    rows: slice
+    max_len: int
+
+
 @dataclass
 class PackedAdapter:
-    """An adapter laid out as the pages it will occupy, with row offsets relative to its first page.
-    Built on the host (in a read-ahead thread), so loading it is one copy into the pool."""
+    """An adapter ready to load: the file's tensor bytes as stored, and where each row goes, relative to the
+    adapter's first page. Built on the host in a read-ahead thread; no weight is copied to build it."""
     adapter_id: str
     sha256: str
-    pages: torch.Tensor                   # [num_pages, page_numel], pinned on CUDA
-    rel_a: dict[str, torch.Tensor]        # group -> [layers, n_slices, max_rank] offsets of A^T rows
-    rel_b: dict[str, torch.Tensor]        # group -> [layers, n_slices, max_rank] offsets of B rows
-    ranks: dict[str, torch.Tensor]        # group -> [layers, n_slices] int32
-    scales: dict[str, torch.Tensor]       # group -> [layers, n_slices] float32
-
-    @property
-    def num_pages(self) -> int:
-        return self.pages.shape[0]
+    weights: torch.Tensor        # uint8: the file's tensor bytes (pinned on CUDA)
+    meta: torch.Tensor           # int64, laid out by `layout` (pinned on CUDA)
+    layout: MetaLayout
+    rel: np.ndarray              # meta[:layout.placed] before placing: offsets relative to the first page
+    num_pages: int
+    sources: list[RowSource]
+    copied: Any = None           # CUDA event: a copy may read `meta` until it has passed
 
     @property
     def nbytes(self) -> int:
-        return self.pages.numel() * self.pages.element_size()
+        return self.weights.numel() + self.meta.numel() * self.meta.element_size()
+
+    def place(self, pages: list[int], page_numel: int) -> None:
+        """Turn the relative offsets into pool offsets for the pages this load got."""
+        page_ids = np.asarray(pages, dtype=np.int64)
+        self.meta.numpy()[:self.layout.placed] = page_ids[self.rel // page_numel] * page_numel + self.rel % page_numel
 
 
-def _copy_rows(flat: torch.Tensor, rows: torch.Tensor, offsets: list[int]) -> None:
-    """flat[offsets[k]:offsets[k] + d] = rows[k], one slice copy per run of rows laid back to back."""
-    d, i = rows.shape[1], 0
-    while i < len(offsets):
-        j = i + 1
-        while j < len(offsets) and offsets[j] == offsets[j - 1] + d:
-            j += 1
-        flat[offsets[i]: offsets[i] + (j - i) * d] = rows[i:j].reshape(-1)
-        i = j
-
-
-def pack_adapter(weights: AdapterWeights, args: ModelArgs, page_numel: int, max_rank: int,
+def pack_adapter(file: AdapterFile, args: ModelArgs, page_numel: int, max_rank: int,
                  pin_memory: bool = False) -> PackedAdapter:
-    keys = sorted(weights.modules)
-    ranks = {key: weights.modules[key][0].shape[0] for key in keys}
-    offsets, num_pages = row_layout(adapter_pieces(args, ranks), page_numel)
-    dtype = next(iter(weights.modules.values()))[0].dtype
-    pages = torch.zeros(num_pages * page_numel, dtype=dtype, pin_memory=pin_memory)
-    shapes = {g: (args.num_layers, len(members)) for g, members in LORA_GROUPS.items()}
-    rel_a = {g: torch.zeros(*shape, max_rank, dtype=torch.int64) for g, shape in shapes.items()}
-    rel_b = {g: torch.zeros(*shape, max_rank, dtype=torch.int64) for g, shape in shapes.items()}
-    group_ranks = {g: torch.zeros(shape, dtype=torch.int32) for g, shape in shapes.items()}
-    group_scales = {g: torch.zeros(shape, dtype=torch.float32) for g, shape in shapes.items()}
+    keys = sorted(file.modules)
+    pieces = adapter_pieces(args, {key: file.modules[key].rank for key in keys})
+    runs, num_pages = row_layout(pieces, page_numel)
+    offsets = row_offsets(runs, pieces)
+    tensors = [t for key in keys for t in (file.modules[key].a, file.modules[key].b)]
+    dtypes = sorted({t.dtype for t in tensors})   # safetensors names; rows are grouped by the dtype they are stored in
+    span = {d: (min(t.start for t in tensors if t.dtype == d), max(t.end for t in tensors if t.dtype == d))
+            for d in dtypes}
+    rows: dict[str, list[list[np.ndarray]]] = {c: [[] for _ in dtypes] for c in ("dst",) + ROW_COLUMNS}
+    layout = MetaLayout.of(sum(len(o) for o in offsets), args, max_rank)
+    meta = torch.zeros(layout.numel, dtype=torch.int64, pin_memory=pin_memory)
+    parts = {name: view.numpy() for name, view in layout.views(meta).items()}
     for i, (layer, module) in enumerate(keys):
-        a_t, b, scale = weights.modules[(layer, module)]
+        m = file.modules[(layer, module)]
         g, s = GROUP_OF[module]
-        r = ranks[(layer, module)]
-        for rows, rel, table in ((a_t, offsets[2 * i], rel_a), (b, offsets[2 * i + 1], rel_b)):
-            _copy_rows(pages, rows, rel.tolist())
-            table[g][layer, s, :r] = rel
-        group_ranks[g][layer, s], group_scales[g][layer, s] = r, scale
-    return PackedAdapter(weights.adapter_id, weights.sha256, pages.view(num_pages, page_numel), rel_a, rel_b,
-                         group_ranks, group_scales)
+        d_in, d_out = args.lora_dims(module)
+        # a row of A is a row of lora_A [r, d_in]; a row of B^T is a column of lora_B [d_out, r]
+        for t, rel, row_len, row_stride, step, table in ((m.a, offsets[2 * i], d_in, d_in, 1, "a_rows"),
+                                                         (m.b, offsets[2 * i + 1], d_out, 1, m.rank, "b_rows")):
+            k = dtypes.index(t.dtype)
+            first = (t.start - span[t.dtype][0]) // t.torch_dtype.itemsize
+            for column, values in (("dst", rel), ("src", first + row_stride * np.arange(m.rank, dtype=np.int64)),
+                                   ("step", np.full(m.rank, step)), ("length", np.full(m.rank, row_len))):
+                rows[column][k].append(values)
+            parts[f"{table}.{g}"][layer, s, :m.rank] = rel
+        parts[f"ranks.{g}"][layer, s], parts[f"scales.{g}"][layer, s] = m.rank, m.scale
+    sources, first_row = [], 0
+    for k, d in enumerate(dtypes):
+        n = sum(len(v) for v in rows["dst"][k])
+        sources.append(RowSource(FLOAT_DTYPES[d][0], *span[d], slice(first_row, first_row + n),
+                                 int(max(np.max(v) for v in rows["length"][k]))))
+        first_row += n
+    for column in ("dst",) + ROW_COLUMNS:
+        parts[column][:] = np.concatenate([v for per_dtype in rows[column] for v in per_dtype])
+    rel = meta.numpy()[:layout.placed].copy()
+    return PackedAdapter(file.adapter_id, file.sha256, file.data, meta, layout, rel, num_pages, sources)
 
 
 class ResidentAdapters:
-    def __init__(self, args: ModelArgs, pool: PagePool, num_slots: int, max_rank: int, device: str):
+    def __init__(self, args: ModelArgs, pool: PagePool, num_slots: int, max_rank: int, device: str, ops=None):
         self.args, self.pool, self.device = args, pool, device
+        self.ops = ops or kernel_ops(str(device).startswith("cuda"))
         layers = args.num_layers
         self.a_rows, self.b_rows, self.ranks, self.scales, self.slice_offsets = {}, {}, {}, {}, {}
         for group, members in LORA_GROUPS.items():
@@ -144,26 +209,33 @@ class ResidentAdapters:
         return bool(self.free_slots) and packed.num_pages <= self.pool.num_free
 
     def load(self, packed: PackedAdapter) -> int:
-        """Copy an adapter's pages into free pool pages and point its slot's tables at them.
+        """Copy an adapter into free pool pages and point its slot's tables at them.
 
-        On CUDA the copy runs on a side stream from pinned memory: the host does not wait, and only work
-        queued after the load waits for it."""
+        On CUDA the copies and the scatter run on a side stream from pinned memory: the host does not wait,
+        and only work queued after the load waits for it."""
         pages = self.pool.allocate(packed.num_pages)
         slot = self.free_slots.pop()
-        if self.copy_stream:   # the pages and the slot may have been freed by work still queued on the main stream
-            self.copy_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.copy_stream) if self.copy_stream else nullcontext():
-            page_ids = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
-            self.pool.pages[page_ids] = packed.pages.to(self.device, non_blocking=True)
-            page_numel = self.pool.page_numel
+        if packed.copied is not None:   # an earlier load of this adapter may still be copying its metadata
+            packed.copied.synchronize()
+        packed.place(pages, self.pool.page_numel)
+        stream = self.copy_stream
+        if stream:   # the pages and the slot may have been freed by work still queued on the main stream
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream else nullcontext():
+            weights = packed.weights.to(self.device, non_blocking=True)
+            parts = packed.layout.views(packed.meta.to(self.device, non_blocking=True))
+            for source in packed.sources:
+                self.ops.scatter_rows(self.pool.flat, weights[source.start:source.end].view(source.dtype),
+                                      parts["dst"][source.rows], *(parts[c][source.rows] for c in ROW_COLUMNS),
+                                      source.max_len)
             for group in LORA_GROUPS:
-                for table, rel in ((self.a_rows, packed.rel_a), (self.b_rows, packed.rel_b)):
-                    rel = rel[group].to(self.device, non_blocking=True)
-                    table[group][:, :, slot] = page_ids[rel // page_numel] * page_numel + rel % page_numel
-                self.ranks[group][:, :, slot] = packed.ranks[group].to(self.device, non_blocking=True)
-                self.scales[group][:, :, slot] = packed.scales[group].to(self.device, non_blocking=True)
-        if self.copy_stream:
-            torch.cuda.current_stream().wait_stream(self.copy_stream)
+                for name, table in (("a_rows", self.a_rows), ("b_rows", self.b_rows), ("ranks", self.ranks),
+                                    ("scales", self.scales)):
+                    table[group][:, :, slot] = parts[f"{name}.{group}"]
+        if stream:
+            packed.copied = torch.cuda.Event()
+            packed.copied.record(stream)
+            torch.cuda.current_stream().wait_stream(stream)
         self.resident[packed.adapter_id] = (slot, pages, packed.sha256)
         self.loads += 1
         self.bytes_loaded += packed.nbytes

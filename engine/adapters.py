@@ -1,232 +1,163 @@
-"""PEFT LoRA adapters: read and validate `<root>/<adapter_id>/`, and keep them in a host-memory LRU.
+"""PEFT LoRA adapters: read and check `<root>/<adapter_id>/`, ahead of need, into bounded host memory.
 
-An adapter that fails validation raises AdapterError once; the failure is remembered for the run so
-its other rows fail fast with the same message.
+An adapter that fails a check raises AdapterError once; the failure is remembered for the run so its other
+rows fail fast with the same message. Checks run cheapest first: the name, the folder (no symlink out of the
+root), the config (features, ranks against max_lora_rank, patterns under a time budget), the safetensors
+header (dtypes, shapes, offsets), and only then the one read of the weights (sha256 and NaN/Inf on the way).
 """
-import hashlib
-import json
-import math
 import os
-import re
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 
-from engine.model import LORA_GROUPS, ModelArgs
+from engine.adapter_config import ADAPTER_ID, AdapterError, PatternMatcher, adapter_dir, check_config, \
+    configured_ranks, read_adapter_config
+from engine.adapter_file import AdapterFile, read_adapter_file
+from engine.model import ModelArgs
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-LORA_MODULES = tuple(m for members in LORA_GROUPS.values() for m in members)
-KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
-
-
-class AdapterError(Exception):
-    """An adapter that cannot be used; the message says why and what to do."""
-
-
-@dataclass
-class AdapterWeights:
-    adapter_id: str
-    sha256: str
-    nbytes: int
-    # (layer, module) -> (A^T rows [r, d_in], B rows [r, d_out], scale); module in LORA_MODULES
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
-
-
-def module_name(layer: int, module: str) -> str:
-    """The module's name in a transformers Llama-family model, which PEFT's patterns match against."""
-    block = "mlp" if module in LORA_GROUPS["gate_up"] + LORA_GROUPS["down"] else "self_attn"
-    return f"model.layers.{layer}.{block}.{module}"
-
-
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
-def configured_ranks(config: dict, args: ModelArgs) -> dict[tuple[int, str], int]:
-    """Rank of each (layer, module) an adapter_config.json targets, rank_pattern applied: what the
-    adapter will hold, known before its weights are read (the planner sizes adapters with it)."""
-    targets = config.get("target_modules") or []
-
-    def targeted(module: str, name: str) -> bool:
-        if targets == "all-linear":
-            return True
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith(f".{t}") for t in targets)
-
-    return {(layer, module): int(_pattern_value(config.get("rank_pattern"), module_name(layer, module),
-                                                config.get("r", 8)))
-            for layer in range(args.num_layers) for module in LORA_MODULES
-            if targeted(module, module_name(layer, module))}
-
-
-def same_base(adapter_base: str, base_model_name: str) -> bool:
-    """Whether an adapter's base_model_name_or_path names this base: hub ids and paths are compared by their
-    last component ("meta-llama/Llama-2-7b-hf" is "/models/llama-2-7b-hf"), as the training machine's
-    path is rarely the serving one's."""
-    def name(text: str) -> str:
-        return text.rstrip("/").rsplit("/", 1)[-1].lower()
-    return name(adapter_base) == name(base_model_name)
-
-
-def _check_config(config: dict, base_model_name: str | None) -> None:
-    given = config.get("base_model_name_or_path")
-    if base_model_name and given and not same_base(given, base_model_name):
-        raise AdapterError(f"trained on {given!r} (base_model_name_or_path), but the base model is "
-                           f"{base_model_name!r} (--base-model-name)")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported (LoRA only)")
-    unsupported = [("use_dora", "DoRA"), ("layers_to_transform", "layers_to_transform"),
-                   ("modules_to_save", "modules_to_save"), ("trainable_token_indices", "trainable tokens"),
-                   ("lora_bias", "lora_bias"), ("target_parameters", "target_parameters")]
-    for key, what in unsupported:
-        if config.get(key):
-            raise AdapterError(f"{what} is not supported; retrain or merge the adapter without it")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"bias={config['bias']!r} is not supported (only bias='none')")
-    if config.get("fan_in_fan_out"):
-        raise AdapterError("fan_in_fan_out adapters are not supported for Llama-family models")
-    targets = config.get("target_modules")
-    names = [targets] if isinstance(targets, str) else list(targets or [])
-    for name in ("embed_tokens", "lm_head"):
-        hit = (re.fullmatch(targets, name) or re.fullmatch(targets, f"model.{name}")) \
-            if isinstance(targets, str) and targets != "all-linear" else name in names
-        if hit:
-            raise AdapterError(f"LoRA on {name} is not supported (targets may be q,k,v,o,gate,up,down)")
-
-
-def parse_adapter(adapter_id: str, config: dict, tensors: dict[str, torch.Tensor], args: ModelArgs,
-                  dtype: torch.dtype, sha256: str, nbytes: int, max_rank: int,
-                  base_model_name: str | None = None) -> AdapterWeights:
-    """Validate a PEFT adapter against the base model and turn it into per-module row tensors."""
-    _check_config(config, base_model_name)
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        m = KEY.fullmatch(key)
-        if not m or m.group(2) not in LORA_MODULES:
-            raise AdapterError(f"unsupported tensor {key!r} (LoRA A/B on q,k,v,o,gate,up,down only)")
-        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    if not halves:
-        raise AdapterError("adapter_model.safetensors holds no LoRA weights")
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    modules = {}
-    for (layer, module), pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
-        if layer >= args.num_layers:
-            raise AdapterError(f"layer {layer} does not exist in the base model ({args.num_layers} layers)")
-        a, b = pair["A"], pair["B"]
-        d_in, d_out = args.lora_dims(module)
-        r = a.shape[0]
-        if a.shape != (r, d_in) or b.shape != (d_out, r):
-            raise AdapterError(f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                               f"fit the base model ({d_in} -> {d_out}); was it trained on another base?")
-        if r > max_rank:
-            raise AdapterError(f"rank {r} exceeds the engine's max_lora_rank {max_rank}")
-        name = module_name(layer, module)
-        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
-        rank_cfg = _pattern_value(config.get("rank_pattern"), name, r_default)
-        if rank_cfg != r:
-            raise AdapterError(f"layer {layer} {module}: config says rank {rank_cfg}, weights have rank {r}")
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[(layer, module)] = (a.to(dtype).contiguous(), b.t().to(dtype).contiguous(), float(scale))
-    return AdapterWeights(adapter_id, sha256, nbytes, modules)
+__all__ = ["ADAPTER_ID", "AdapterError", "AdapterStore", "read_adapter"]   # pipeline.requests: ADAPTER_ID
+MAX_QUEUED_READS_PER_THREAD = 2   # so a reader finishing between two engine steps finds its next read queued
 
 
 def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype, max_rank: int,
-                 storage_options: dict | None = None, base_model_name: str | None = None) -> AdapterWeights:
+                 storage_options: dict | None = None, base_model_name: str | None = None,
+                 pin_memory: bool = False) -> AdapterFile:
     """Read `<root>/<adapter_id>/` from any fsspec URL; every failure becomes an AdapterError."""
-    if not ADAPTER_ID.fullmatch(adapter_id or ""):
-        raise AdapterError(f"adapter_id {adapter_id!r} is not a plain name ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
-    fs, base = fsspec.core.url_to_fs(f"{root.rstrip('/')}/{adapter_id}", **(storage_options or {}))
-    if not fs.isdir(base):
-        raise AdapterError(f"adapter {adapter_id!r} not found under {root}")
-    if not fs.exists(f"{base}/adapter_config.json"):
-        raise AdapterError(f"adapter {adapter_id!r} has no adapter_config.json")
-    if not fs.exists(f"{base}/adapter_model.safetensors"):
+    fs, base = adapter_dir(root, adapter_id, storage_options)
+    config = read_adapter_config(fs, base, adapter_id)
+    weights = f"{base}/adapter_model.safetensors"
+    if not fs.exists(weights):
         pickled = fs.exists(f"{base}/adapter_model.bin")
         raise AdapterError(f"adapter {adapter_id!r} has no adapter_model.safetensors"
                            + (" (only a pickle adapter_model.bin, which is never unpickled: re-save it with"
                               " safe_serialization=True)" if pickled else ""))
+    matcher = PatternMatcher()
+    check_config(config, base_model_name, max_rank, matcher)
+    configured_ranks(config, args, max_rank, matcher)   # the planner's view of the adapter must be valid too
     try:
-        config = json.loads(fs.cat_file(f"{base}/adapter_config.json"))
-        raw = fs.cat_file(f"{base}/adapter_model.safetensors")
-        tensors = load_safetensors_bytes(raw)
-    except Exception as e:  # corrupt JSON, truncated or corrupt safetensors, storage errors
+        size = fs.size(weights)
+        with fs.open(weights, "rb") as f:
+            return read_adapter_file(f, size, adapter_id, config, args, dtype, max_rank, matcher, pin_memory)
+    except AdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt safetensors, storage errors
         raise AdapterError(f"adapter {adapter_id!r} cannot be read: {type(e).__name__}: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"adapter {adapter_id!r}: adapter_config.json is not a JSON object")
-    return parse_adapter(adapter_id, config, tensors, args, dtype, hashlib.sha256(raw).hexdigest(), len(raw),
-                         max_rank, base_model_name)
 
 
 class AdapterStore:
-    """Storage -> host-memory LRU (bounded in bytes). Reads, validates and packs adapters (`pack` turns
-    AdapterWeights into what the device pool loads) in background threads ahead of need."""
+    """Storage -> host memory (bounded in bytes) for the scheduler to load into the device pool.
+
+    Reader threads read, check and pack (`pack` turns an AdapterFile into what the pool loads) the adapters
+    `prefetch` names, in that order. Read-ahead (read or being read, not yet taken) is kept to half of
+    host_cache_bytes: a read under way counts as big as the largest adapter read so far. Adapters already taken
+    stay, least recently used first out, in the rest, for a reload after eviction from the pool."""
 
     def __init__(self, root: str | None, args: ModelArgs, dtype: torch.dtype, max_rank: int,
-                 host_cache_bytes: int, pack: Callable[[AdapterWeights], Any], storage_options: dict | None = None,
-                 base_model_name: str | None = None):
+                 host_cache_bytes: int, pack: Callable[[AdapterFile], Any], storage_options: dict | None = None,
+                 base_model_name: str | None = None, pin_memory: bool = False):
         self.root, self.args, self.dtype, self.max_rank = root, args, dtype, max_rank
-        self.base_model_name = base_model_name
+        self.base_model_name, self.pin_memory = base_model_name, pin_memory
         self.capacity, self.pack, self.storage_options = host_cache_bytes, pack, storage_options
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self.readahead_bytes = host_cache_bytes // 2
+        self._cache: OrderedDict[str, Any] = OrderedDict()   # taken at least once; LRU order
+        self._ahead: dict[str, Future] = {}                   # read-ahead, in prefetch order
         self._failed: dict[str, str] = {}
-        self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
-        # Reading, hashing and packing release the GIL, so threads scale with the host's cores.
+        self._largest = 0
+        # Reading, hashing and the NaN scan release the GIL, so threads scale with the host's cores.
         self.read_threads = max(2, min(8, os.cpu_count() or 2))
         self._reader = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="adapter-read")
         self.reads = 0
+        self.bytes_read = 0
+        self.read_s = 0.0        # wall seconds with at least one read under way
+        self.wait_s = 0.0        # seconds `get` blocked its caller (the engine loop) on a read
+        self._busy, self._busy_since = 0, 0.0
 
     def _read(self, adapter_id: str):
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} requested but no adapter root was given (--adapters)")
+        with self._lock:
+            if not self._busy:
+                self._busy_since = time.perf_counter()
+            self._busy += 1
+        nbytes = 0
         try:
-            return self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
-                                          self.storage_options, self.base_model_name))
+            packed = self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
+                                            self.storage_options, self.base_model_name, self.pin_memory))
+            nbytes = packed.nbytes
+            return packed
         except AdapterError:
             raise
-        except Exception as e:  # noqa: BLE001 - a config field of the wrong type, a bad regex, storage: fail its rows
+        except Exception as e:  # noqa: BLE001 - a config field of the wrong type, storage: fail its rows
             raise AdapterError(f"adapter {adapter_id!r} cannot be used: {type(e).__name__}: {e}") from None
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self.read_s += time.perf_counter() - self._busy_since
+                if nbytes:
+                    self.reads += 1
+                    self.bytes_read += nbytes
+                    self._largest = max(self._largest, nbytes)
 
-    def prefetch(self, adapter_ids) -> None:
-        """Start reading adapters that will be needed soon (no-op for cached, failed or pending ones)."""
+    def _ahead_bytes(self) -> int:
+        return sum(f.result().nbytes if f.done() and not f.exception() else 0 if f.done() else self._largest
+                   for f in self._ahead.values())
+
+    def _evict(self) -> None:
+        budget = self.capacity - self._ahead_bytes()
+        while len(self._cache) > 1 and sum(p.nbytes for p in self._cache.values()) > budget:
+            self._cache.popitem(last=False)
+
+    def prefetch(self, adapter_ids: Iterable[str]) -> None:
+        """Read ahead the adapters the queue will need next, in this order, as far as the read-ahead budget
+        goes. Finished reads no longer named (the queue moved) join the LRU of taken adapters."""
+        wanted = dict.fromkeys(adapter_ids)
         with self._lock:
-            for adapter_id in adapter_ids:
-                if adapter_id not in self._cache and adapter_id not in self._failed and adapter_id not in self._pending:
-                    self._pending[adapter_id] = self._reader.submit(self._read, adapter_id)
+            for adapter_id in [a for a, f in self._ahead.items() if a not in wanted and f.done()]:
+                future = self._ahead.pop(adapter_id)
+                if future.exception():
+                    self._failed[adapter_id] = str(future.exception())
+                else:
+                    self._cache[adapter_id] = future.result()
+            queued = sum(not f.done() for f in self._ahead.values())
+            for adapter_id in wanted:
+                if adapter_id in self._cache or adapter_id in self._failed or adapter_id in self._ahead:
+                    continue
+                if queued >= MAX_QUEUED_READS_PER_THREAD * self.read_threads or \
+                        self._ahead_bytes() >= self.readahead_bytes:
+                    break
+                self._ahead[adapter_id] = self._reader.submit(self._read, adapter_id)
+                queued += 1
+            self._evict()
 
     def get(self, adapter_id: str):
-        """The packed adapter (from the cache, a read under way, or read now); AdapterError if unusable."""
+        """The packed adapter (from memory, a read under way, or read now); AdapterError if unusable."""
         with self._lock:
             if adapter_id in self._failed:
                 raise AdapterError(self._failed[adapter_id])
             if adapter_id in self._cache:
                 self._cache.move_to_end(adapter_id)
                 return self._cache[adapter_id]
-            future = self._pending.pop(adapter_id, None)
+            future = self._ahead.pop(adapter_id, None)
+        started = time.perf_counter()
         try:
+            if future is not None and future.cancel():   # still queued behind other reads: read it now
+                future = None
             packed = future.result() if future else self._read(adapter_id)
         except AdapterError as e:
             self._failed[adapter_id] = str(e)
             raise
+        finally:
+            self.wait_s += time.perf_counter() - started
         with self._lock:
-            self.reads += 1
             self._cache[adapter_id] = packed
-            while sum(p.nbytes for p in self._cache.values()) > self.capacity and len(self._cache) > 1:
-                self._cache.popitem(last=False)
+            self._evict()
         return packed
 
     def close(self) -> None:

@@ -35,6 +35,9 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_bytes_loaded: int = 0
     adapter_reads: int = 0
+    adapter_bytes_read: int = 0
+    adapter_read_s: float = 0.0         # wall seconds with at least one adapter read under way
+    adapter_load_wait_s: float = 0.0    # seconds the engine loop (so the device) waited for an adapter read
     peak_pool_pages_used: int = 0
     pool_pages: int = 0
     preemptions: int = 0
@@ -45,6 +48,10 @@ class EngineStats:
     @property
     def mean_adapters_per_decode_step(self) -> float:
         return self.adapters_per_decode_step / max(self.decode_steps, 1)
+
+    @property
+    def adapter_read_gb_per_s(self) -> float:
+        return self.adapter_bytes_read / self.adapter_read_s / 1e9 if self.adapter_read_s else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +84,11 @@ class Engine:
         args = self.runner.args
         self.max_model_len = self.runner.max_model_len
         pool, max_rank = self.runner.pool, config.max_lora_rank
+        pin = config.device.startswith("cuda")   # pinned host buffers: copies to the GPU run asynchronously
         self.adapter_store = AdapterStore(
             config.adapters, args, config.torch_dtype, max_rank, config.host_cache_bytes,
-            lambda weights: pack_adapter(weights, args, pool.page_numel, max_rank,
-                                         pin_memory=config.device.startswith("cuda")),
-            config.storage_options, config.base_model_name)
+            lambda file: pack_adapter(file, args, pool.page_numel, max_rank, pin_memory=pin),
+            config.storage_options, config.base_model_name, pin_memory=pin)
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store,
                                    self.runner.pool.blocks_needed(self.max_model_len))
         self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
@@ -125,9 +132,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler
-        if len(sched.running) < sched.max_num_seqs:
-            # The queue may move this step: read its next adapters while we compute, two per reader thread.
-            self.adapter_store.prefetch(sched.upcoming_adapters(2 * self.adapter_store.read_threads))
+        sched.read_ahead()
         seqs, is_prefill = sched.schedule()
         outputs = [self._output(seq, error) for seq, error in sched.failed]
         sched.failed.clear()
@@ -265,7 +270,9 @@ class Engine:
     def _collect_stats(self) -> None:
         adapters, pool = self.runner.adapters, self.runner.pool
         self.stats.adapter_loads, self.stats.adapter_bytes_loaded = adapters.loads, adapters.bytes_loaded
-        self.stats.adapter_reads = self.adapter_store.reads
+        store = self.adapter_store
+        self.stats.adapter_reads, self.stats.adapter_bytes_read = store.reads, store.bytes_read
+        self.stats.adapter_read_s, self.stats.adapter_load_wait_s = store.read_s, store.wait_s
         self.stats.peak_pool_pages_used = pool.peak_used
         self.stats.preemptions = self.scheduler.preemptions
 

@@ -22,6 +22,7 @@ from engine.running_batch import RunningBatch
 from engine.sequence import Sequence, SequenceStatus
 
 LOOKAHEAD = 4  # waiting sequences scanned per free batch place when looking for admissible work
+READ_AHEAD_ADAPTERS = 64   # adapters named to the store's read-ahead; its byte budget decides how many it reads
 
 
 class Scheduler:
@@ -36,6 +37,7 @@ class Scheduler:
         self.failed: list[tuple[Sequence, str]] = []   # sequences whose adapter could not be loaded
         self.waiting_per_adapter: Counter[str | None] = Counter()
         self.preemptions = 0
+        self._upcoming_key, self._upcoming = None, []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,11 +58,21 @@ class Scheduler:
     def active_adapters(self) -> set[str]:
         return set(self.running.adapters)
 
+    def read_ahead(self) -> None:
+        """Have the store read the adapters the queue needs next, every step, decode steps included, so
+        reads go on while the batch is full. The queue is the plan's order, so its head is the next wave."""
+        self.store.prefetch(self.upcoming_adapters(READ_AHEAD_ADAPTERS))
+
     def upcoming_adapters(self, n: int) -> list[str]:
         """The next n distinct adapters in the waiting queue that are not resident (for read-ahead).
 
-        Only the head of the queue is scanned (as far as prefill looks): this runs every step, and a
-        night's queue can hold 100,000 sequences of adapters already resident."""
+        Only the head of the queue is scanned (as far as prefill looks), and only when the queue's head or
+        length, or the resident set, changed since the last scan: this runs every step, and a night's queue
+        can hold 100,000 sequences of adapters already resident."""
+        key = (n, len(self.waiting), id(self.waiting[0]) if self.waiting else None, self.adapters.loads,
+               len(self.adapters.resident))
+        if key == self._upcoming_key:
+            return self._upcoming
         upcoming = []
         for seq in islice(self.waiting, LOOKAHEAD * self.max_num_seqs):
             a = seq.adapter_id
@@ -68,6 +80,7 @@ class Scheduler:
                 upcoming.append(a)
                 if len(upcoming) == n:
                     break
+        self._upcoming_key, self._upcoming = key, upcoming
         return upcoming
 
     def _make_resident(self, adapter_id: str, active: set[str]) -> bool:

@@ -6,6 +6,7 @@ Triton set runs only under TRITON_INTERPRET=1, set before triton is first import
 """
 from types import SimpleNamespace
 
+from kernels.adapter_rows import scatter_rows, scatter_rows_ref
 from kernels.lora_expand import lora_expand, lora_expand_ref
 from kernels.lora_shrink import lora_shrink, lora_shrink_ref, lora_split_k, lora_split_k_ref
 from kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
@@ -19,12 +20,13 @@ REFERENCE_OPS = SimpleNamespace(lora_shrink=lora_shrink_ref, lora_expand=lora_ex
                                 paged_attention_decode=paged_attention_decode_ref,
                                 prefill_attention=prefill_attention_ref,
                                 paged_prefill_attention=paged_prefill_attention_ref, rms_norm=rms_norm_ref,
-                                rope_and_store_kv=rope_and_store_kv_ref, silu_and_mul=silu_and_mul_ref)
+                                rope_and_store_kv=rope_and_store_kv_ref, silu_and_mul=silu_and_mul_ref,
+                                scatter_rows=scatter_rows_ref)
 TRITON_OPS = SimpleNamespace(lora_shrink=lora_shrink, lora_expand=lora_expand, lora_split_k=lora_split_k,
                              paged_attention_decode=paged_attention_decode,
                              prefill_attention=prefill_attention,
                              paged_prefill_attention=paged_prefill_attention, rms_norm=rms_norm,
-                             rope_and_store_kv=rope_and_store_kv, silu_and_mul=silu_and_mul)
+                             rope_and_store_kv=rope_and_store_kv, silu_and_mul=silu_and_mul, scatter_rows=scatter_rows)
 
 
 def kernel_ops(use_triton: bool) -> SimpleNamespace:

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from engine.adapter_config import adapter_dir, configured_ranks, read_adapter_config
 from engine.adapter_memory import adapter_pieces, row_layout
-from engine.adapters import configured_ranks
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.loader import load_model_args, read_json
+from engine.loader import load_model_args
 from engine.model import ModelArgs
 from engine.model_runner import pool_geometry
 from engine.request import Request, RequestOutput
@@ -31,9 +31,10 @@ from pipeline.signals import StopSignals
 
 LOG = logging.getLogger("lorafleet")
 # RunSummary fields taken as they are from the engine's stats
-ENGINE_FIELDS = ("prompt_tokens", "output_tokens", "adapter_loads", "adapter_bytes_loaded", "peak_pool_pages_used",
-                 "pool_pages", "preemptions", "mean_adapters_per_decode_step", "scored_tokens",
-                 "prefill_tokens_requested", "prefill_tokens_computed")
+ENGINE_FIELDS = ("prompt_tokens", "output_tokens", "adapter_loads", "adapter_bytes_loaded", "adapter_bytes_read",
+                 "adapter_read_s", "adapter_load_wait_s", "peak_pool_pages_used", "pool_pages", "preemptions",
+                 "mean_adapters_per_decode_step", "scored_tokens", "prefill_tokens_requested",
+                 "prefill_tokens_computed")
 
 
 class RunNotStarted(Exception):
@@ -54,6 +55,9 @@ class RunSummary:
     distinct_adapters: int = 0
     adapter_loads: int = 0
     adapter_bytes_loaded: int = 0
+    adapter_bytes_read: int = 0    # read from storage, checked and packed
+    adapter_read_s: float = 0.0    # wall seconds with at least one adapter read under way
+    adapter_load_wait_s: float = 0.0   # seconds the engine loop (so the device) waited for adapter reads
     peak_pool_pages_used: int = 0
     pool_pages: int = 0
     preemptions: int = 0
@@ -68,8 +72,12 @@ class RunSummary:
     output_tokens_per_s: float = 0.0   # over generate_s, as the progress bar counts them (pipeline.progress)
     total_tokens_per_s: float = 0.0    # prompt + output tokens, over generate_s
 
+    @property
+    def adapter_read_gb_per_s(self) -> float:
+        return self.adapter_bytes_read / self.adapter_read_s / 1e9 if self.adapter_read_s else 0.0
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), adapter_read_gb_per_s=self.adapter_read_gb_per_s)
 
     @classmethod
     def combine(cls, parts: list["RunSummary"]) -> "RunSummary":
@@ -77,7 +85,8 @@ class RunSummary:
         adapters), pool figures are per GPU (the largest), wall time spans the first start to the last end."""
         total = cls(parts[0].run_id, parts[0].output_url, duplicates=parts[0].duplicates)
         for name in ("rows_ok", "rows_failed", "rows_skipped", "rows_retried", "prompt_tokens", "output_tokens",
-                     "distinct_adapters", "adapter_loads", "adapter_bytes_loaded", "preemptions", "scored_tokens",
+                     "distinct_adapters", "adapter_loads", "adapter_bytes_loaded", "adapter_bytes_read",
+                     "adapter_read_s", "adapter_load_wait_s", "preemptions", "scored_tokens",
                      "prefill_tokens_requested", "prefill_tokens_computed"):
             setattr(total, name, sum(getattr(p, name) for p in parts))
         total.peak_pool_pages_used = max(p.peak_pool_pages_used for p in parts)
@@ -109,6 +118,9 @@ class RunSummary:
                 f"adapters: {self.distinct_adapters:,} distinct, {self.adapter_loads:,} loads, "
                 f"{self.adapter_bytes_loaded / 2**20:,.1f} MiB loaded, "
                 f"{self.mean_adapters_per_decode_step:.1f} per decode step",
+                f"adapter reads: {self.adapter_bytes_read / 2**20:,.1f} MiB in {self.adapter_read_s:,.2f}s "
+                f"({self.adapter_read_gb_per_s:,.2f} GB/s); the device waited {self.adapter_load_wait_s:,.2f}s "
+                f"for them",
                 f"pool: peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} pages; "
                 f"preemptions {self.preemptions:,}",
                 f"wall time {self.wall_s:,.1f}s (setup {self.setup_s:,.1f}s, generation {self.generate_s:,.1f}s)"
@@ -116,15 +128,17 @@ class RunSummary:
 
 
 def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int, adapter_id: str) -> int:
-    """Pages an adapter will take, from its adapter_config.json alone (no weights read). A config that
-    cannot be read counts 1 page: the adapter fails when loaded and its rows become error rows."""
+    """Pages an adapter will take, from its adapter_config.json alone (no weights read). A config the engine
+    would refuse counts 1 page: the adapter fails when loaded and its rows become error rows. Bounded work:
+    the config is read up to 1 MiB, ranks are checked against max_lora_rank before any layout, and its
+    patterns run under a time budget."""
     if not config.adapters:
         return 1
     try:
-        cfg = read_json(f"{config.adapters.rstrip('/')}/{adapter_id}/adapter_config.json", config.storage_options,
-                        missing_ok=True)
-        return row_layout(adapter_pieces(args, configured_ranks(cfg, args)), page_numel)[1] if cfg else 1
-    except Exception:  # noqa: BLE001 - bad JSON, fields of the wrong type, a bad regex: the load will say what
+        fs, base = adapter_dir(config.adapters, adapter_id, config.storage_options)
+        ranks = configured_ranks(read_adapter_config(fs, base, adapter_id), args, config.max_lora_rank)
+        return max(row_layout(adapter_pieces(args, ranks), page_numel)[1], 1)
+    except Exception:  # noqa: BLE001 - AdapterError, storage errors: the load will say what
         return 1
 
 
