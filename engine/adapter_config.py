@@ -22,7 +22,7 @@ LORA_MODULES = tuple(m for members in LORA_GROUPS.values() for m in members)
 CONFIG_MAX_BYTES = 1 << 20
 PATTERN_MAX_CHARS = 1024
 PATTERN_MAX_REPEATS = 10_000   # product of all counted repeats {m,n}: the `regex` compiler unrolls them
-PATTERN_BUDGET_S = 0.5         # all of one adapter's pattern matching
+PATTERN_BUDGET_S = 0.25        # all of one adapter's pattern matching
 COUNTED_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 

@@ -53,4 +53,4 @@ def scatter_rows(dst: torch.Tensor, src: torch.Tensor, dst_start: torch.Tensor, 
     _check(dst, src, dst_start, src_start, src_step, length)
     if dst_start.numel() and max_len:
         grid = (dst_start.numel(), triton.cdiv(max_len, BLOCK))
-        _scatter_rows_kernel[grid](dst, src, dst_start, src_start, src_step, length, BLOCK=BLOCK, num_warps=4)
+        _scatter_rows_kernel[grid](dst, src, dst_start, src_start, src_step, length, BLOCK=BLOCK)

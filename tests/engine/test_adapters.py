@@ -2,11 +2,13 @@
 import hashlib
 import json
 import shutil
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine.adapters
 from engine.adapter_config import configured_ranks
 from engine.adapters import AdapterError, AdapterStore, read_adapter
 from engine.loader import load_model_args
@@ -172,4 +174,40 @@ def test_malformed_configs_fail_the_adapter_not_the_run(base, name, edit, messag
                          host_cache_bytes=1 << 30, pack=lambda weights: weights)
     with pytest.raises(AdapterError, match=message):
         store.get(name)
+    store.close()
+
+
+def test_read_ahead_is_bounded_by_host_bytes(base):
+    for i in range(6):
+        build_adapter(base / "adapters" / f"ahead{i}", base / "model", rank=8, seed=i)
+    args = load_model_args(str(base / "model"))
+    one = read(base, "ahead0").nbytes
+    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=6 * one,
+                         pack=lambda weights: weights)
+    store.get("ahead0")                                   # now the store knows how big an adapter is
+    assert store.reads == 1 and store.bytes_read == one and store.read_s > 0 and store.wait_s > 0
+    store.prefetch([f"ahead{i}" for i in range(6)])
+    assert list(store._ahead) == ["ahead1", "ahead2", "ahead3"]   # half of 6 adapters' bytes, in queue order
+    for future in list(store._ahead.values()):
+        future.result()
+    store.prefetch(["ahead4"])                            # the queue moved on: finished reads join the LRU
+    assert list(store._ahead) == ["ahead4"] and len(store._cache) == 4
+    store._ahead["ahead4"].result()
+    assert store.get("ahead2").adapter_id == "ahead2" and store.reads == 5
+    store.close()
+
+
+def test_a_read_still_queued_is_done_at_once_when_needed(base, monkeypatch):
+    """The engine never waits for reads queued ahead of the adapter it needs now."""
+    for i in range(3):
+        build_adapter(base / "adapters" / f"queued{i}", base / "model", rank=2, seed=i)
+    monkeypatch.setattr(engine.adapters.os, "cpu_count", lambda: 2)       # two reader threads
+    gate = threading.Event()
+    store = AdapterStore(str(base / "adapters"), load_model_args(str(base / "model")), torch.float32, 64,
+                         host_cache_bytes=1 << 30,
+                         pack=lambda file: (gate.wait(10) if file.adapter_id != "queued2" else None, file)[1])
+    store.prefetch(["queued0", "queued1", "queued2"])     # both readers held up; queued2 waits in the queue
+    assert store.get("queued2").adapter_id == "queued2" and not gate.is_set()
+    gate.set()
+    assert store.get("queued0").adapter_id == "queued0"
     store.close()

@@ -1,8 +1,8 @@
 """Scheduler bookkeeping that must stay cheap when a night's queue is long."""
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import Request
-from engine.scheduler import LOOKAHEAD
+from engine.request import Request, SamplingParams
+from engine.scheduler import LOOKAHEAD, READ_AHEAD_ADAPTERS
 
 
 def test_read_ahead_scans_only_the_head_of_the_queue(llama_fleet):
@@ -35,4 +35,25 @@ def test_idle_adapters_are_evicted_only_when_that_makes_room(llama_fleet):
     assert not sched._make_resident("r64-mlp-o", set()) and "r8-qv" in adapters.resident
     pool.free(taken[:1])
     assert sched._make_resident("r64-mlp-o", set()) and list(adapters.resident) == ["r64-mlp-o"]
+    engine.close()
+
+
+def test_reads_go_on_while_the_batch_is_full(llama_fleet):
+    """Every step names the queue's next adapters to the store, decode steps with a full batch included, and a
+    queue that did not move is not scanned again."""
+    engine = Engine(EngineConfig(model=str(llama_fleet.model), adapters=str(llama_fleet.adapters),
+                                 max_num_seqs=2, cpu_pool_bytes=16 << 20))
+    engine.tokenizer.eos_token_ids = set()
+    for i, adapter_id in enumerate(["r8-qv", "r8-qv", "r1-q", "r4-regex-kv"]):
+        engine.add_request(Request(f"q{i}", adapter_id, prompt_token_ids=[5, 6],
+                                   sampling=SamplingParams(max_new_tokens=4)))
+    sched, store = engine.scheduler, engine.adapter_store
+    engine.step()                                          # prefill of the two r8-qv requests: the batch is full
+    first = sched.upcoming_adapters(READ_AHEAD_ADAPTERS)
+    assert first == ["r1-q", "r4-regex-kv"] and sched.upcoming_adapters(READ_AHEAD_ADAPTERS) is first
+    engine.step()                                          # a decode step
+    assert len(sched.running) == 2 and {"r1-q", "r4-regex-kv"} <= set(store._ahead) | set(store._cache)
+    while not sched.is_finished():
+        engine.step()
+    assert engine.stats.adapter_reads == 3 and engine.stats.adapter_bytes_read > 0
     engine.close()

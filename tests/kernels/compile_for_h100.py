@@ -15,7 +15,7 @@ from triton.compiler import ASTSource
 
 from engine.lora import DECODE_TILE, PREFILL_TILE
 from kernels import (lora_expand, lora_shrink, paged_attention_decode, paged_prefill_attention, prefill_attention,
-                     rms_norm, rope_and_store_kv, silu_and_mul)
+                     rms_norm, rope_and_store_kv, scatter_rows, silu_and_mul)
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                 torch.int64: "i64"}
@@ -57,7 +57,8 @@ def main() -> None:
         ("lora_shrink", "_shrink_kernel"), ("lora_expand", "_expand_kernel"),
         ("paged_attention", "_paged_decode_kernel"), ("paged_attention", "_reduce_splits_kernel"),
         ("prefill_attention", "_prefill_kernel"), ("paged_prefill_attention", "_paged_prefill_kernel"),
-        ("rms_norm", "_rms_norm_kernel"), ("rope_kv", "_rope_kv_kernel"), ("silu_and_mul", "_silu_and_mul_kernel")]]
+        ("rms_norm", "_rms_norm_kernel"), ("rope_kv", "_rope_kv_kernel"), ("silu_and_mul", "_silu_and_mul_kernel"),
+        ("adapter_rows", "_scatter_rows_kernel")]]
     ints = dict(dtype=torch.int32)
     for dtype in (torch.bfloat16, torch.float32):                 # fp16 lowers as bf16 does
         pool = torch.zeros(4096, dtype=dtype)
@@ -86,6 +87,9 @@ def main() -> None:
         prefill_attention(q, q[:, :2], q[:, 2:4], torch.tensor([0, 10], **ints), 10, 0.1)
         paged_prefill_attention(q, kv[:, 0], kv[:, 1], torch.zeros(1, 2, **ints), torch.tensor([0, 10], **ints),
                                 torch.tensor([20], **ints), 10, 0.1)
+        rows = torch.zeros(4, dtype=torch.int64)
+        for src_dtype in (torch.bfloat16, torch.float16, torch.float32):      # adapter files of any float dtype
+            scatter_rows(pool, torch.zeros(64, dtype=src_dtype), rows, rows, rows, rows, 64)
     for launch in launches:
         for name, _, constexprs, shared in launch.compiled:
             print(f"{name} {constexprs} shared={shared}")

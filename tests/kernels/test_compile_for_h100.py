@@ -21,5 +21,5 @@ def test_every_launch_configuration_compiles_for_sm90():
     assert done.returncode == 0, done.stderr[-3000:]
     for kernel in ("_shrink_kernel", "_expand_kernel", "_paged_decode_kernel", "_reduce_splits_kernel",
                    "_prefill_kernel", "_paged_prefill_kernel", "_rms_norm_kernel", "_rope_kv_kernel",
-                   "_silu_and_mul_kernel"):
+                   "_silu_and_mul_kernel", "_scatter_rows_kernel"):
         assert kernel in done.stdout
