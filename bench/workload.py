@@ -1,5 +1,5 @@
-"""What the end-to-end benchmark runs: a random Llama-shaped model built on the device, random PEFT
-adapters written straight to disk, and a request table with power-law adapter popularity.
+"""What the benchmarks run: a random Llama-shaped model built on the device, random PEFT adapters written
+straight to disk, and a request table shaped like a night of evaluations.
 
 Nothing is downloaded. Output lengths are fixed: the checkpoint names no EOS token, so every request
 generates exactly its max_new_tokens.
@@ -35,6 +35,7 @@ TINY = dict(LLAMA2_7B, vocab_size=256, hidden_size=64, intermediate_size=128, nu
 class Workload:
     requests: list[Request]          # arrival order (the request table's order)
     adapter_ranks: dict[str, int]    # adapter id -> rank
+    per_adapter: int = 0             # requests of each adapter's own set (the rest go by popularity)
 
     @property
     def output_tokens(self) -> int:
@@ -46,6 +47,12 @@ class Workload:
 
     def without_adapters(self) -> "Workload":
         return Workload([replace(r, adapter_id=None) for r in self.requests], {})
+
+    def describe(self) -> str:
+        if not self.adapter_ranks:
+            return f"{len(self.requests):,} requests, base model only"
+        return (f"{len(self.requests):,} requests: {self.per_adapter:,} of each adapter's own, "
+                f"{len(self.requests) - self.per_adapter * len(self.adapter_ranks):,} by popularity")
 
 
 def write_model_dir(path: Path, hf_config: dict) -> Path:
@@ -94,12 +101,23 @@ def lora_bytes_per_rank(args: ModelArgs, element_size: int) -> int:
     return args.num_layers * sum(sum(args.lora_dims(m)) for m in LORA_TARGETS) * element_size
 
 
+def write_adapter(path: Path, weights: Path, rank: int) -> None:
+    """A PEFT adapter folder on all seven projections whose adapter_model.safetensors is a hard link to
+    `weights` (written once per rank by random_lora)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                  target_modules=LORA_TARGETS, bias="none", use_rslora=False, fan_in_fan_out=False)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    if not (path / "adapter_model.safetensors").exists():
+        os.link(weights, path / "adapter_model.safetensors")
+
+
 def write_adapters(root: Path, weights_dir: Path, n_adapters: int, args: ModelArgs, dtype: torch.dtype,
                    device: str, seed: int = 0) -> dict[str, int]:
     """N PEFT adapters on all seven projections, ranks drawn from RANKS; returns id -> rank.
 
-    The weights of one rank are written once and hard-linked into every adapter of that rank, so 1,024
-    adapters of a 7B take ~1 GB of disk. The engine still reads, checks and copies each id on its own.
+    The weights of one rank are written once and hard-linked into every adapter of that rank, so 2,048
+    adapters of a 7B take ~0.6 GB of disk. The engine still reads, checks and copies each id on its own.
     The first n ids of a larger set are the set of n (same ids, same ranks)."""
     rng = random.Random(seed)
     ranks = {f"a{k:05d}": rng.choice(RANKS) for k in range(n_adapters)}
@@ -107,18 +125,13 @@ def write_adapters(root: Path, weights_dir: Path, n_adapters: int, args: ModelAr
     for adapter_id, r in ranks.items():
         weights = weights_dir / f"rank{r}.safetensors"
         if not weights.exists():
-            save_file(_random_lora(args, r, dtype, device, seed + r), str(weights))
-        path = root / adapter_id
-        path.mkdir(parents=True, exist_ok=True)
-        config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                      target_modules=LORA_TARGETS, bias="none", use_rslora=False, fan_in_fan_out=False)
-        (path / "adapter_config.json").write_text(json.dumps(config))
-        if not (path / "adapter_model.safetensors").exists():
-            os.link(weights, path / "adapter_model.safetensors")
+            save_file(random_lora(args, r, dtype, device, seed + r), str(weights))
+        write_adapter(root / adapter_id, weights, r)
     return ranks
 
 
-def _random_lora(args: ModelArgs, rank: int, dtype: torch.dtype, device: str, seed: int) -> dict[str, torch.Tensor]:
+def random_lora(args: ModelArgs, rank: int, dtype: torch.dtype, device: str, seed: int) -> dict[str, torch.Tensor]:
+    """PEFT-named lora_A / lora_B of every layer's seven projections, random, on the CPU."""
     gen = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for layer in range(args.num_layers):
@@ -133,18 +146,28 @@ def _random_lora(args: ModelArgs, rank: int, dtype: torch.dtype, device: str, se
 
 
 def make_workload(n_requests: int, adapter_ranks: dict[str, int], vocab_size: int, prompt_range: tuple[int, int],
-                  output_range: tuple[int, int], zipf: float = 1.0, seed: int = 0) -> Workload:
-    """Requests in arrival order; adapter k (by popularity rank) is drawn with weight 1 / (k + 1)^zipf.
+                  output_range: tuple[int, int], own_share: float = 0.8, zipf: float = 1.0, seed: int = 0) -> Workload:
+    """A night of evaluations in arrival order: every adapter has its own set of requests (own_share of them,
+    split evenly), written in one block as its evaluation job writes it, the blocks in random order; the other
+    requests go to adapters by power-law popularity (adapter k drawn with weight 1 / (k + 1)^zipf) and arrive
+    at random places in between.
 
     Prompt and output lengths depend on the seed only, so every N runs the same token counts."""
-    lengths = random.Random(seed)
-    pick = random.Random(seed + 1)
+    lengths, pick = random.Random(seed), random.Random(seed + 1)
     names = list(adapter_ranks)
-    weights = [1 / (k + 1) ** zipf for k in range(len(names))]
-    adapters = pick.choices(names, weights, k=n_requests)
+    per_adapter = int(own_share * n_requests) // len(names) if names else 0
+    if names and per_adapter < 1:
+        raise ValueError(f"{n_requests} requests cannot give each of {len(names)} adapters its own")
+    blocks = [[a] * per_adapter for a in names]
+    pick.shuffle(blocks)
+    order = [a for block in blocks for a in block]
+    popular = pick.choices(names, [1 / (k + 1) ** zipf for k in range(len(names))], k=n_requests - len(order)) \
+        if names else [None] * n_requests
+    for adapter_id in popular:
+        order.insert(pick.randrange(len(order) + 1), adapter_id)
     requests = []
-    for i, adapter_id in enumerate(adapters):
+    for i, adapter_id in enumerate(order):
         prompt = [lengths.randrange(1, vocab_size) for _ in range(lengths.randint(*prompt_range))]
         sampling = SamplingParams(max_new_tokens=lengths.randint(*output_range))
         requests.append(Request(f"r{i:06d}", adapter_id, prompt_token_ids=prompt, sampling=sampling))
-    return Workload(requests, adapter_ranks)
+    return Workload(requests, adapter_ranks, per_adapter)

@@ -44,7 +44,7 @@ def test_lorafleet_cases_generate_exactly_the_fixed_output_lengths(report):
     for c in data["cases"]:
         if not c["case"].startswith("lorafleet"):
             continue
-        assert (c["requests_done"], c["requests_failed"], c["truncated"]) == (meta["requests_per_case"], 0, False)
+        assert (c["requests"], c["requests_done"], c["requests_failed"]) == (meta["requests_per_case"],) * 2 + (0,)
         assert c["output_tokens"] == meta["output_tokens_per_case"], c["case"]   # no EOS cuts a request short
         assert c["prompt_tokens"] >= meta["prompt_tokens_per_case"], c["case"]  # more only if preempted
 
@@ -61,6 +61,7 @@ def test_adapter_counts(report):
     assert arrival["adapter_loads"] >= planned["adapter_loads"]
     for c in (planned, arrival):
         assert 1 <= c["mean_adapters_per_decode_step"] <= max_active
+        assert c["adapter_bytes_read"] > 0 and c["adapter_read_gb_per_s"] > 0 and c["adapter_load_wait_s"] >= 0
     peft = cases["peft-mixed"]
     assert peft["output_tokens"] == data["meta"]["peft_batch"] * data["meta"]["peft_new_tokens"]
     assert peft["adapter_loads"] == peft["n_adapters"] == peft["mean_adapters_per_decode_step"]
@@ -85,7 +86,8 @@ def test_publish_fills_the_readme_block_with_a_gpu_run(report, tmp_path):
     assert "NVIDIA H100 80GB HBM3" in block and data["meta"]["date"] in block
     for name in CASES:
         assert f"| {name} |" in block
-    assert block.count("not measured") == 3     # the tiny run has no N512 case; its batches stay below 64
+    assert "| load GB/s | load wait s |" in block
+    assert block.count("not measured") == 5     # no N512, N8 or N2048 case (4 targets); batches stay below 64
     assert (tmp_path / FIGURE).read_bytes() == (out / "bench_e2e.png").read_bytes()
     publish(gpu, readme, tmp_path / FIGURE)      # publishing again replaces the block, nothing else
     assert readme.read_text() == text
@@ -94,6 +96,12 @@ def test_publish_fills_the_readme_block_with_a_gpu_run(report, tmp_path):
 def test_targets_are_judged_from_the_cases():
     from bench.publish import targets
     cases = {"lorafleet-base": dict(roofline_fraction_batch64=0.7),
-             "lorafleet-N512": dict(vs_base=0.93, vs_peft_mixed=85.0)}
+             "lorafleet-N8": dict(n_adapters=8, output_tokens_per_s=1000.0, adapter_read_gb_per_s=3.0),
+             "lorafleet-N512": dict(n_adapters=512, vs_base=0.93, vs_peft_mixed=85.0, output_tokens_per_s=950.0),
+             "lorafleet-arrival-N512": dict(output_tokens_per_s=900.0),
+             "lorafleet-N2048": dict(n_adapters=2048, output_tokens_per_s=880.0, adapter_read_gb_per_s=12.5,
+                                     adapter_load_wait_s=3.0, wall_s=100.0),
+             "lorafleet-arrival-N2048": dict(output_tokens_per_s=800.0)}
     assert [(value, met) for _, value, met in targets(cases)] == \
-        [("93%", True), ("85x", False), ("1.43x the roofline", True)]
+        [("93%", True), ("85x", False), ("1.43x the roofline", True), ("88%", False), ("1.06x at worst", True),
+         ("12.5 GB/s", True), ("3.0%", False)]
