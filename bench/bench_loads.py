@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.workload import LLAMA2_7B, TINY, random_lora, write_adapter
+from engine.adapter_file import HostBuffers
 from engine.adapter_memory import ResidentAdapters, pack_adapter
 from engine.adapters import read_adapter
 from engine.config import EngineConfig
@@ -49,11 +50,12 @@ class Loader:
 
     def __init__(self, args: ModelArgs, root: Path):
         self.args, self.root = args, root
+        self.buffers = HostBuffers(keep_bytes=4 << 30)   # as the engine's store reuses them
         block_size, self.page_numel, _ = pool_geometry(EngineConfig(model="-", dtype="bfloat16"), args)
         self.pool = PagePool(0, args.num_layers, block_size, args.num_kv_heads, args.head_dim, DTYPE, "cpu")
 
     def host_work(self, adapter_id: str):
-        file = read_adapter(str(self.root), adapter_id, self.args, DTYPE, max_rank=64)
+        file = read_adapter(str(self.root), adapter_id, self.args, DTYPE, max_rank=64, buffers=self.buffers)
         return pack_adapter(file, self.args, self.page_numel, 64)
 
     def scatter(self, packed) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from engine.adapter_config import ADAPTER_ID, AdapterError, PatternMatcher, adapter_dir, check_config, \
     configured_ranks, read_adapter_config
-from engine.adapter_file import AdapterFile, read_adapter_file
+from engine.adapter_file import AdapterFile, HostBuffers, read_adapter_file
 from engine.model import ModelArgs
 
 __all__ = ["ADAPTER_ID", "AdapterError", "AdapterStore", "read_adapter"]   # pipeline.requests: ADAPTER_ID
@@ -26,7 +26,7 @@ MAX_QUEUED_READS_PER_THREAD = 2   # so a reader finishing between two engine ste
 
 def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype, max_rank: int,
                  storage_options: dict | None = None, base_model_name: str | None = None,
-                 pin_memory: bool = False) -> AdapterFile:
+                 buffers: HostBuffers | None = None) -> AdapterFile:
     """Read `<root>/<adapter_id>/` from any fsspec URL; every failure becomes an AdapterError."""
     fs, base = adapter_dir(root, adapter_id, storage_options)
     config = read_adapter_config(fs, base, adapter_id)
@@ -42,7 +42,8 @@ def read_adapter(root: str, adapter_id: str, args: ModelArgs, dtype: torch.dtype
     try:
         size = fs.size(weights)
         with fs.open(weights, "rb") as f:
-            return read_adapter_file(f, size, adapter_id, config, args, dtype, max_rank, matcher, pin_memory)
+            return read_adapter_file(f, size, adapter_id, config, args, dtype, max_rank, matcher,
+                                     buffers or HostBuffers())
     except AdapterError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt safetensors, storage errors
@@ -61,7 +62,8 @@ class AdapterStore:
                  host_cache_bytes: int, pack: Callable[[AdapterFile], Any], storage_options: dict | None = None,
                  base_model_name: str | None = None, pin_memory: bool = False):
         self.root, self.args, self.dtype, self.max_rank = root, args, dtype, max_rank
-        self.base_model_name, self.pin_memory = base_model_name, pin_memory
+        self.base_model_name = base_model_name
+        self.buffers = HostBuffers(pin_memory, keep_bytes=host_cache_bytes // 4)
         self.capacity, self.pack, self.storage_options = host_cache_bytes, pack, storage_options
         self.readahead_bytes = host_cache_bytes // 2
         self._cache: OrderedDict[str, Any] = OrderedDict()   # taken at least once; LRU order
@@ -88,7 +90,7 @@ class AdapterStore:
         nbytes = 0
         try:
             packed = self.pack(read_adapter(self.root, adapter_id, self.args, self.dtype, self.max_rank,
-                                            self.storage_options, self.base_model_name, self.pin_memory))
+                                            self.storage_options, self.base_model_name, self.buffers))
             nbytes = packed.nbytes
             return packed
         except AdapterError:

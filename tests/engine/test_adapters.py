@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import engine.adapters
 from engine.adapter_config import configured_ranks
+from engine.adapter_file import HostBuffers
 from engine.adapters import AdapterError, AdapterStore, read_adapter
 from engine.loader import load_model_args
 from tests.checkpoints import build_adapter, build_checkpoint
@@ -211,3 +212,16 @@ def test_a_read_still_queued_is_done_at_once_when_needed(base, monkeypatch):
     gate.set()
     assert store.get("queued0").adapter_id == "queued0"
     store.close()
+
+
+def test_host_buffers_are_reused_once_freed_and_kept_within_bounds():
+    buffers = HostBuffers(keep_bytes=1000)
+    first = buffers.take(600)
+    pointer = first.data_ptr()
+    del first                                             # the adapter holding it is gone
+    again = buffers.take(500)                             # a buffer up to twice the size is reused
+    assert again.data_ptr() == pointer and again.numel() == 500
+    other = buffers.take(600)                             # none free: a new one
+    assert other.data_ptr() != pointer
+    del again, other
+    assert sum(b.numel() for b in buffers._free) <= 1000  # no more than keep_bytes wait

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from safetensors.torch import save
 
 from engine.adapter_config import PatternMatcher, module_name
-from engine.adapter_file import read_adapter_file
+from engine.adapter_file import HostBuffers, read_adapter_file
 from engine.adapter_memory import ResidentAdapters, adapter_pieces, pack_adapter, row_layout, row_offsets
 from engine.model import ModelArgs
 from engine.page_pool import PagePool
@@ -43,7 +43,7 @@ def read_file(adapter_id: str, tensors: dict, rank: int, modules=MODULES):
     raw = save(tensors)
     config = {"r": rank, "lora_alpha": rank / 2, "target_modules": list(modules)}
     return read_adapter_file(io.BytesIO(raw), len(raw), adapter_id, config, ARGS, torch.float32, 64,
-                             PatternMatcher(), False)
+                             PatternMatcher(), HostBuffers())
 
 
 def random_adapter(adapter_id: str, rank: int, seed=0):
@@ -160,7 +160,7 @@ def test_loads_on_cuda_use_the_side_stream_and_pinned_buffers(monkeypatch):
     tensors = random_tensors(8, seed=4)
     raw = save(tensors)
     file = read_adapter_file(io.BytesIO(raw), len(raw), "x", {"r": 8, "lora_alpha": 4, "target_modules": MODULES},
-                             ARGS, torch.float32, 64, PatternMatcher(), pin_memory=True)
+                             ARGS, torch.float32, 64, PatternMatcher(), HostBuffers(pin_memory=True))
     pool = make_pool(64)
     packed = pack_adapter(file, ARGS, pool.page_numel, 64, pin_memory=True)
     assert pinned.count(True) == 2                                 # the weights and the tables: page-locked
