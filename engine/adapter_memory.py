@@ -48,12 +48,14 @@ def row_layout(pieces: list[tuple[int, int]], page_numel: int) -> tuple[list[tup
     return runs, page + 1 if used else page
 
 
-def row_offsets(runs: list[tuple[int, int, int]], pieces: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Each piece's row offsets from row_layout's runs."""
-    offsets: list[list[np.ndarray]] = [[] for _ in pieces]
-    for piece, start, rows in runs:
-        offsets[piece].append(start + pieces[piece][1] * np.arange(rows, dtype=np.int64))
-    return [np.concatenate(o) if o else np.empty(0, np.int64) for o in offsets]
+def row_offsets(runs: list[tuple[int, int, int]], pieces: list[tuple[int, int]]) -> np.ndarray:
+    """The offset of every row, piece after piece, from row_layout's runs."""
+    if not runs:
+        return np.empty(0, np.int64)
+    piece, start, count = (np.asarray(column, dtype=np.int64) for column in zip(*runs))
+    row_len = np.asarray([length for _, length in pieces], dtype=np.int64)[piece]
+    within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    return np.repeat(start, count) + within * np.repeat(row_len, count)
 
 
 def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[tuple[int, int]]:
@@ -133,42 +135,50 @@ class PackedAdapter:
 
 def pack_adapter(file: AdapterFile, args: ModelArgs, page_numel: int, max_rank: int,
                  pin_memory: bool = False) -> PackedAdapter:
+    """Where each row of the file goes. Vectorized over rows: this runs in reader threads for every load and
+    holds the GIL, which the engine loop needs too."""
     keys = sorted(file.modules)
-    pieces = adapter_pieces(args, {key: file.modules[key].rank for key in keys})
+    modules = [file.modules[key] for key in keys]
+    pieces = adapter_pieces(args, {key: m.rank for key, m in zip(keys, modules)})
     runs, num_pages = row_layout(pieces, page_numel)
-    offsets = row_offsets(runs, pieces)
-    tensors = [t for key in keys for t in (file.modules[key].a, file.modules[key].b)]
-    dtypes = sorted({t.dtype for t in tensors})   # safetensors names; rows are grouped by the dtype they are stored in
+    dst = row_offsets(runs, pieces)
+    tensors = [t for m in modules for t in (m.a, m.b)]   # piece 2i is module i's A rows, 2i + 1 its B^T rows
+    dtypes = sorted({t.dtype for t in tensors})         # rows are grouped by the dtype they are stored in
     span = {d: (min(t.start for t in tensors if t.dtype == d), max(t.end for t in tensors if t.dtype == d))
             for d in dtypes}
-    rows: dict[str, list[list[np.ndarray]]] = {c: [[] for _ in dtypes] for c in ("dst",) + ROW_COLUMNS}
-    layout = MetaLayout.of(sum(len(o) for o in offsets), args, max_rank)
-    meta = torch.zeros(layout.numel, dtype=torch.int64, pin_memory=pin_memory)
-    parts = {name: view.numpy() for name, view in layout.views(meta).items()}
-    for i, (layer, module) in enumerate(keys):
-        m = file.modules[(layer, module)]
-        g, s = GROUP_OF[module]
-        d_in, d_out = args.lora_dims(module)
-        # a row of A is a row of lora_A [r, d_in]; a row of B^T is a column of lora_B [d_out, r]
-        for t, rel, row_len, row_stride, step, table in ((m.a, offsets[2 * i], d_in, d_in, 1, "a_rows"),
-                                                         (m.b, offsets[2 * i + 1], d_out, 1, m.rank, "b_rows")):
-            k = dtypes.index(t.dtype)
-            first = (t.start - span[t.dtype][0]) // t.torch_dtype.itemsize
-            for column, values in (("dst", rel), ("src", first + row_stride * np.arange(m.rank, dtype=np.int64)),
-                                   ("step", np.full(m.rank, step)), ("length", np.full(m.rank, row_len))):
-                rows[column][k].append(values)
-            parts[f"{table}.{g}"][layer, s, :m.rank] = rel
-        parts[f"ranks.{g}"][layer, s], parts[f"scales.{g}"][layer, s] = m.rank, m.scale
-    sources, first_row = [], 0
-    for k, d in enumerate(dtypes):
-        n = sum(len(v) for v in rows["dst"][k])
-        sources.append(RowSource(FLOAT_DTYPES[d][0], *span[d], slice(first_row, first_row + n),
-                                 int(max(np.max(v) for v in rows["length"][k]))))
-        first_row += n
-    for column in ("dst",) + ROW_COLUMNS:
-        parts[column][:] = np.concatenate([v for per_dtype in rows[column] for v in per_dtype])
-    rel = meta.numpy()[:layout.placed].copy()
-    return PackedAdapter(file.adapter_id, file.sha256, file.data, meta, layout, rel, num_pages, sources)
+    layout = MetaLayout.of(len(dst), args, max_rank)
+    start = {name: first for name, first, _ in layout.parts}
+    meta = torch.empty(layout.numel, dtype=torch.int64, pin_memory=pin_memory)
+    values = meta.numpy()
+    values[:] = 0
+    views = {name: view.numpy() for name, view in layout.views(meta).items()}
+    # per piece: where its first row starts in its dtype's span, the distance between its rows there and between
+    # a row's elements (a row of A is a row of lora_A [r, d_in]; a row of B^T a column of lora_B [d_out, r]),
+    # its row length, where its row 0 goes in the kernels' table, and its dtype's index
+    columns = []
+    for (layer, module), m in zip(keys, modules):
+        (g, s), (d_in, d_out) = GROUP_OF[module], args.lora_dims(module)
+        views[f"ranks.{g}"][layer, s], views[f"scales.{g}"][layer, s] = m.rank, m.scale
+        cell = (layer * len(LORA_GROUPS[g]) + s) * max_rank
+        columns.append((m.a, d_in, 1, d_in, start[f"a_rows.{g}"] + cell))
+        columns.append((m.b, 1, m.rank, d_out, start[f"b_rows.{g}"] + cell))
+    first, row_stride, step, row_len, table, kind = (np.asarray(c) for c in zip(*(
+        ((t.start - span[t.dtype][0]) // t.torch_dtype.itemsize, *rest, dtypes.index(t.dtype))
+        for t, *rest in columns)))
+    rank = np.repeat([m.rank for m in modules], 2)
+    piece = np.repeat(np.arange(len(tensors)), rank)
+    k = np.arange(len(dst)) - np.repeat(np.cumsum(rank) - rank, rank)
+    values[table[piece] + k] = dst
+    order = np.argsort(kind[piece], kind="stable")
+    for column, rows in (("dst", dst), ("src", first[piece] + k * row_stride[piece]), ("step", step[piece]),
+                         ("length", row_len[piece])):
+        views[column][:] = rows[order]
+    counts = np.bincount(kind[piece], minlength=len(dtypes))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    sources = [RowSource(FLOAT_DTYPES[d][0], *span[d], slice(int(bounds[i]), int(bounds[i + 1])),
+                         int(row_len[kind == i].max())) for i, d in enumerate(dtypes)]
+    return PackedAdapter(file.adapter_id, file.sha256, file.data, meta, layout, values[:layout.placed].copy(),
+                         num_pages, sources)
 
 
 class ResidentAdapters:
