@@ -156,12 +156,9 @@ class HostBuffers:
         if self.pin_memory:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         with self._lock:
-            fits = [b for b in self._free if nbytes <= b.numel() <= 2 * nbytes]
-            base = min(fits, key=torch.Tensor.numel) if fits else None
-            if base is not None:
-                self._free.remove(base)
-        if base is None:
-            base = torch.empty(nbytes, dtype=torch.uint8)
+            fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
+            best = min(fits, key=lambda i: self._free[i].numel(), default=None)
+            base = self._free.pop(best) if best is not None else torch.empty(nbytes, dtype=torch.uint8)
         view = base[:nbytes]
         weakref.finalize(view, self._give_back, base)
         return view
