@@ -13,6 +13,7 @@ import re
 import struct
 import threading
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,24 +151,24 @@ class HostBuffers:
     def __init__(self, pin_memory: bool = False, keep_bytes: int = 0):
         self.pin_memory, self.keep_bytes = pin_memory, keep_bytes
         self._free: list[torch.Tensor] = []
+        # Finalizers may run in any thread, inside `take` too: they only append here (atomic), take sorts it out.
+        self._returned: deque[torch.Tensor] = deque()
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         if self.pin_memory:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         with self._lock:
+            while self._returned:
+                self._free.append(self._returned.popleft())
+            while sum(b.numel() for b in self._free) > self.keep_bytes:
+                self._free.pop(0)
             fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
             best = min(fits, key=lambda i: self._free[i].numel(), default=None)
             base = self._free.pop(best) if best is not None else torch.empty(nbytes, dtype=torch.uint8)
         view = base[:nbytes]
-        weakref.finalize(view, self._give_back, base)
+        weakref.finalize(view, self._returned.append, base)
         return view
-
-    def _give_back(self, base: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(base)
-            while sum(b.numel() for b in self._free) > self.keep_bytes:
-                self._free.pop(0)
 
 
 def read_data(f, nbytes: int, hasher, buffers: HostBuffers) -> torch.Tensor:

@@ -15,7 +15,7 @@ def test_bench_loads_tiny_reports_every_rank(tmp_path):
     assert data["shapes"] == "tiny" and [row["rank"] for row in data["rows"]] == [8, 16, 32, 64]
     for row in data["rows"]:
         assert row["bytes"] > 0 and row["readers"] == 2 and row["reader_speedup"] > 0
-        for name in ("load_file_s", "host_s", "scatter_s", "one_reader_s", "n_readers_s"):
+        for name in ("load_file_s", "load_file_clone_s", "host_s", "scatter_s", "one_reader_s", "n_readers_s"):
             median, low, high = row[name]
             assert 0 < low <= median <= high, (name, row[name])
         assert f"\n{row['rank']:>4} " in run.stdout

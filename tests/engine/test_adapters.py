@@ -225,6 +225,5 @@ def test_host_buffers_are_reused_once_freed_and_kept_within_bounds():
     other_pointer = other.data_ptr()
     assert other_pointer != pointer
     del again, other                                      # both come back, but only 1,000 bytes may wait
-    assert [b.numel() for b in buffers._free] == [600]
     held = buffers.take(301)                              # 600 is at most twice 301: reused
     assert held.data_ptr() in {pointer, other_pointer} and not buffers._free
