@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=2, help="reader threads compared with one")
     parser.add_argument("--out", type=Path, help="folder for bench_loads.json")
     opts = parser.parse_args()
+    torch.set_num_threads(1)
     args = ModelArgs.from_hf_config(TINY if opts.tiny else LLAMA2_7B)
     print(f"{'tiny' if opts.tiny else 'Llama-2-7B'}-shaped bf16 adapters on all seven projections; median "
           f"(min-max) of {opts.repeats}; 'readers x' = {opts.readers} reader threads' rate over one's")

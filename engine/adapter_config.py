@@ -43,7 +43,7 @@ def _compile(pattern: str) -> "regex.Pattern":
         raise AdapterError(f"pattern of {len(pattern)} characters (at most {PATTERN_MAX_CHARS})")
     try:
         re.compile(pattern)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:
         raise AdapterError(f"{pattern!r} is not a valid regular expression: {e}") from None
     repeats = math.prod(max(int(n or 0) for n in m.groups() if n is not None) or 1
                         for m in COUNTED_REPEAT.finditer(pattern))

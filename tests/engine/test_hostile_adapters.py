@@ -123,6 +123,7 @@ def test_tensors_not_in_floating_point_are_refused(base, dtype, name):
     ("target_modules", "((q{100}){100}){100}", "repeats too much"),
     ("target_modules", "q" * 2000, "pattern of 2000 characters"),
     ("target_modules", "(" * 400 + "q" + ")" * 400, "cannot be compiled"),
+    ("target_modules", "q{99999999999}", "not a valid regular expression: the repetition number"),
 ])
 def test_patterns_run_in_bounded_time_and_memory(base, field, value, message):
     """Nested quantifiers would backtrack for hours on module names, and the regex compiler would unroll
