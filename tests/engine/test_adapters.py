@@ -100,13 +100,17 @@ def test_rank_above_the_engine_limit_is_refused(base):
         read(base, "huge")
 
 
+def store_over(base, prefix: str, count: int, cache_adapters: int) -> tuple[AdapterStore, int]:
+    """`count` rank-8 adapters named prefix0.. and a store whose host cache holds `cache_adapters` of them."""
+    for i in range(count):
+        build_adapter(base / "adapters" / f"{prefix}{i}", base / "model", rank=8, seed=i)
+    one = read(base, f"{prefix}0").nbytes
+    return AdapterStore(str(base / "adapters"), load_model_args(str(base / "model")), torch.float32, 64,
+                        host_cache_bytes=cache_adapters * one, pack=lambda weights: weights), one
+
+
 def test_store_remembers_failures_and_evicts_by_bytes(base):
-    for i in range(3):
-        build_adapter(base / "adapters" / f"lru{i}", base / "model", rank=8, seed=i)
-    args = load_model_args(str(base / "model"))
-    one = read(base, "lru0").nbytes
-    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=2 * one,
-                         pack=lambda weights: weights)
+    store, _ = store_over(base, "lru", 3, cache_adapters=2)
     for i in range(3):
         store.get(f"lru{i}")
     assert list(store._cache) == ["lru1", "lru2"]   # lru0 evicted: the cache holds two adapters' bytes
@@ -179,12 +183,7 @@ def test_malformed_configs_fail_the_adapter_not_the_run(base, name, edit, messag
 
 
 def test_read_ahead_is_bounded_by_host_bytes(base):
-    for i in range(6):
-        build_adapter(base / "adapters" / f"ahead{i}", base / "model", rank=8, seed=i)
-    args = load_model_args(str(base / "model"))
-    one = read(base, "ahead0").nbytes
-    store = AdapterStore(str(base / "adapters"), args, torch.float32, 64, host_cache_bytes=6 * one,
-                         pack=lambda weights: weights)
+    store, one = store_over(base, "ahead", 6, cache_adapters=6)
     store.get("ahead0")                                   # now the store knows how big an adapter is
     assert store.reads == 1 and store.bytes_read == one and store.read_s > 0 and store.wait_s > 0
     store.prefetch([f"ahead{i}" for i in range(6)])
