@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.adapter_config import adapter_dir, configured_ranks, read_adapter_config
 from engine.adapter_file import FLOAT_DTYPES, AdapterFile
 from engine.model import LORA_GROUPS, ModelArgs
 from engine.page_pool import PagePool
@@ -56,6 +57,22 @@ def row_offsets(runs: list[tuple[int, int, int]], pieces: list[tuple[int, int]])
     row_len = np.asarray([length for _, length in pieces], dtype=np.int64)[piece]
     within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
     return np.repeat(start, count) + within * np.repeat(row_len, count)
+
+
+def config_pages(root: str | None, adapter_id: str, args: ModelArgs, page_numel: int, max_rank: int,
+                 storage_options: dict | None = None) -> int:
+    """Pages an adapter will take, from its adapter_config.json alone (no weights read): what the planner sizes
+    adapters with. Bounded work: the config is read up to 1 MiB, ranks are checked against max_rank before any
+    layout, patterns run under a time budget. A config the engine would refuse counts 1 page: the adapter fails
+    when loaded and its rows become error rows."""
+    if not root:
+        return 1
+    try:
+        fs, base = adapter_dir(root, adapter_id, storage_options)
+        ranks = configured_ranks(read_adapter_config(fs, base, adapter_id), args, max_rank)
+        return max(row_layout(adapter_pieces(args, ranks), page_numel)[1], 1)
+    except Exception:  # noqa: BLE001 - AdapterError, storage errors: the load will say what
+        return 1
 
 
 def adapter_pieces(args: ModelArgs, ranks: dict[tuple[int, str], int]) -> list[tuple[int, int]]:

@@ -10,8 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from engine.adapter_config import adapter_dir, configured_ranks, read_adapter_config
-from engine.adapter_memory import adapter_pieces, row_layout
+from engine.adapter_memory import config_pages
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_model_args
@@ -72,12 +71,8 @@ class RunSummary:
     output_tokens_per_s: float = 0.0   # over generate_s, as the progress bar counts them (pipeline.progress)
     total_tokens_per_s: float = 0.0    # prompt + output tokens, over generate_s
 
-    @property
-    def adapter_read_gb_per_s(self) -> float:
-        return self.adapter_bytes_read / self.adapter_read_s / 1e9 if self.adapter_read_s else 0.0
-
     def to_dict(self) -> dict:
-        return dict(asdict(self), adapter_read_gb_per_s=self.adapter_read_gb_per_s)
+        return dict(asdict(self), adapter_read_gb_per_s=per_second(self.adapter_bytes_read, self.adapter_read_s) / 1e9)
 
     @classmethod
     def combine(cls, parts: list["RunSummary"]) -> "RunSummary":
@@ -119,7 +114,8 @@ class RunSummary:
                 f"{self.adapter_bytes_loaded / 2**20:,.1f} MiB loaded, "
                 f"{self.mean_adapters_per_decode_step:.1f} per decode step",
                 f"adapter reads: {self.adapter_bytes_read / 2**20:,.1f} MiB in {self.adapter_read_s:,.2f}s "
-                f"({self.adapter_read_gb_per_s:,.2f} GB/s); the device waited {self.adapter_load_wait_s:,.2f}s "
+                f"({per_second(self.adapter_bytes_read, self.adapter_read_s) / 1e9:,.2f} GB/s); the device waited "
+                f"{self.adapter_load_wait_s:,.2f}s "
                 f"for them",
                 f"pool: peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} pages; "
                 f"preemptions {self.preemptions:,}",
@@ -127,27 +123,13 @@ class RunSummary:
                 f"  ->  {self.output_url}"]
 
 
-def adapter_page_estimate(config: EngineConfig, args: ModelArgs, page_numel: int, adapter_id: str) -> int:
-    """Pages an adapter will take, from its adapter_config.json alone (no weights read). A config the engine
-    would refuse counts 1 page: the adapter fails when loaded and its rows become error rows. Bounded work:
-    the config is read up to 1 MiB, ranks are checked against max_lora_rank before any layout, and its
-    patterns run under a time budget."""
-    if not config.adapters:
-        return 1
-    try:
-        fs, base = adapter_dir(config.adapters, adapter_id, config.storage_options)
-        ranks = configured_ranks(read_adapter_config(fs, base, adapter_id), args, config.max_lora_rank)
-        return max(row_layout(adapter_pieces(args, ranks), page_numel)[1], 1)
-    except Exception:  # noqa: BLE001 - AdapterError, storage errors: the load will say what
-        return 1
-
-
 def build_plan(config: EngineConfig, args: ModelArgs, geometry: tuple[int, int, int], requests: list[Request],
                prompt_lens: dict[str, int]) -> Plan:
     """Plan `requests` for a pool of geometry (block_size, page_numel, num_pages)."""
     block_size, page_numel, num_pages = geometry
     adapters = sorted({r.adapter_id for r in requests if r.adapter_id is not None})
-    pages = {a: adapter_page_estimate(config, args, page_numel, a) for a in adapters}
+    pages = {a: config_pages(config.adapters, a, args, page_numel, config.max_lora_rank, config.storage_options)
+             for a in adapters}
     items = _plan_items(requests, prompt_lens)
     mean_tokens = sum(i.est_tokens for i in items) / max(len(items), 1)
     kv_pages = min(num_pages - 1, int(config.max_num_seqs * (mean_tokens / block_size + 1)))
