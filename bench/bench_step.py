@@ -111,7 +111,7 @@ def time_decode_steps(engine: Engine, n: int, roof: DecodeRoofline | None) -> tu
             synchronize(engine.config.device)
         ends.append(now())
     assert engine.stats.decode_steps == decode_steps + n, "a measured step was not a decode step"
-    while not sched.is_finished():
+    while not engine.is_finished():
         engine.step()
     return statistics.median(b - a for a, b in zip(ends, ends[1:])), roofline / n
 
@@ -152,7 +152,7 @@ def profile_cases(engine: Engine, cases, adapter_ids, scale: Scale, vocab: int) 
         start(engine, make_requests(f"profile {name}", batch, adapter_ids[:n_adapters], scale.prompt_len,
                                     new_tokens(scale), vocab, sampled), scale.warmup_steps)
         profiles[name] = profile_steps(engine.step, scale.profiled_steps, engine.config.device)
-        while not engine.scheduler.is_finished():
+        while not engine.is_finished():
             engine.step()
     return profiles
 

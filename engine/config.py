@@ -29,6 +29,7 @@ class EngineConfig:
     storage_options: dict = field(default_factory=dict)
     kernels: str = "auto"                       # auto (triton on cuda) | triton | torch
     cuda_graphs: bool = True                    # decode in CUDA graphs on cuda
+    overlap_steps: bool | None = None           # read step N's tokens while step N+1 runs (default: on cuda)
     prefix_sharing: bool = True                 # scored rows of one adapter and prompt share its KV pages
 
     def __post_init__(self):

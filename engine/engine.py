@@ -13,13 +13,14 @@ from engine.adapter_memory import pack_adapter
 from engine.adapters import AdapterStore
 from engine.config import EngineConfig
 from engine.model import Transformer
-from engine.model_runner import ModelRunner
+from engine.logprobs import GeneratedLogprobs
+from engine.model_runner import ModelRunner, StepTokens
 from engine.prefix_cache import siblings_together
 from engine.request import Request, RequestOutput
 from engine.sampling import NONFINITE
 from engine.scheduler import Scheduler
 from engine.scoring import encode_request, logprob_fields, scored_output, scored_sequence, scoring_problem
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("lorafleet.engine")
@@ -64,6 +65,16 @@ class EngineStats:
                 f"pages; {self.preemptions:,} preemptions")
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose tokens the host has not read yet."""
+    seqs: list[Sequence]                    # its batch
+    rows: np.ndarray                        # their RunningBatch rows
+    counts: np.ndarray                      # their token counts with the launched token
+    tokens: StepTokens
+    logprobs: GeneratedLogprobs | None      # of the rows that ask
+
+
 def default_seed(request_id: str) -> int:
     """Unseeded sampling still repeats on a rerun (resume must reproduce outputs)."""
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
@@ -92,6 +103,8 @@ class Engine:
         self.scheduler = Scheduler(config, self.runner.pool, self.runner.adapters, self.adapter_store,
                                    self.runner.pool.blocks_needed(self.max_model_len))
         self.stats = EngineStats(pool_pages=self.runner.pool.num_pages)
+        self.overlap = config.overlap_steps if config.overlap_steps is not None else config.device.startswith("cuda")
+        self.in_flight: LaunchedStep | None = None   # launched, its tokens not read yet
 
     def add_request(self, request: Request) -> RequestOutput | None:
         """Queue a request; a request that can never run comes back at once as an error output."""
@@ -131,80 +144,104 @@ class Engine:
         return Sequence(request, ids, max_new, seed)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then read the step before it: with overlapped steps (on CUDA) the host
+        reads step N's tokens and schedules N + 1 while the device runs N + 1 (the next step's inputs are the
+        device's own tokens, ModelRunner.row_tokens); otherwise each step is read as soon as it is launched."""
         sched = self.scheduler
         sched.read_ahead()
         seqs, is_prefill = sched.schedule()
         outputs = [self._output(seq, error) for seq, error in sched.failed]
         sched.failed.clear()
-        if not seqs:
-            if not outputs and sched.waiting and not sched.running:
-                # Nothing runs and nothing can be admitted: the head of the queue cannot fit at all.
-                seq = sched.reject_head()
-                outputs.append(self._output(seq, "does not fit in the page pool" +
-                                            (" next to its adapter" if seq.adapter_id else "")))
-            return outputs
-        try:
-            tokens = self.runner.run(seqs, None if is_prefill else sched.running.decode_inputs())
-        except torch.OutOfMemoryError:
-            self.runner.release_cached_memory()
-            if len(seqs) > 1:
-                log.warning("out of device memory on a batch of %d; retrying with smaller batches", len(seqs))
-                sched.back_off(seqs, is_prefill)
-                return outputs
-            sched.finish(seqs[0])
-            return outputs + [self._output(seqs[0], "out of device memory even alone: shorten the prompt or "
-                                                    "max_new_tokens, or run on a larger device")]
-        self.stats.steps += 1
-        if is_prefill:
-            self.runner.pool.prefix_cache.mark_computed()   # the pages this batch keyed now hold its K/V
-            # A preempted sequence's recompute is not new prompt work: count each prompt once.
-            self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in seqs if not s.preemptions)
-            self.stats.prefill_tokens_requested += sum(s.num_tokens for s in seqs)
-            self.stats.prefill_tokens_computed += sum(s.num_tokens - s.num_cached_tokens for s in seqs)
-        else:
-            self.stats.decode_steps += 1
-            self.stats.adapters_per_decode_step += len(sched.running.adapters)
-        if is_prefill and any(s.is_scored for s in seqs):
-            seqs, tokens = self._finish_scored(seqs, tokens, outputs)
-        rows = sched.running.rows_of(seqs) if is_prefill else sched.running.order()
-        seqs, rows, tokens = self._fail_nonfinite(seqs, rows, tokens, outputs)
-        sched.running.append_tokens(seqs, rows, tokens)
-        self.stats.output_tokens += len(seqs)
-        for seq in self._finished(seqs, rows, tokens):
-            outputs.append(self._output(seq))
-            sched.finish(seq)
+        launched = None
+        if seqs:
+            try:
+                launched = self._launch(seqs, is_prefill, outputs)
+            except torch.OutOfMemoryError:
+                outputs += self._out_of_memory(seqs, is_prefill)
+        elif not outputs and self.in_flight is None and sched.waiting and not len(sched.running):
+            # Nothing runs and nothing can be admitted: the head of the queue cannot fit at all.
+            seq = sched.reject_head()
+            outputs.append(self._output(seq, "does not fit in the page pool" +
+                                        (" next to its adapter" if seq.adapter_id else "")))
+        if self.in_flight is not None:
+            outputs += self._read(self.in_flight)
+        self.in_flight = launched
+        if launched is not None and not self.overlap:
+            outputs += self._read(launched)
+            self.in_flight = None
         self._collect_stats()
         return outputs
 
-    def _finish_scored(self, seqs: list[Sequence], tokens: np.ndarray,
-                       outputs: list[RequestOutput]) -> tuple[list[Sequence], np.ndarray]:
-        """Output and finish the scored sequences of a prefill batch (done in their one prefill); returns the
-        generating ones and their tokens."""
-        generating = np.fromiter((not seq.is_scored for seq in seqs), bool, len(seqs))
-        for seq in compress(seqs, ~generating):
-            self.stats.scored_tokens += seq.num_scored_tokens
-            outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)))
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished() and self.in_flight is None
+
+    def _launch(self, seqs: list[Sequence], is_prefill: bool, outputs: list[RequestOutput]) -> "LaunchedStep":
+        """Queue the step's forward pass and sampling; the scored sequences of a prefill are done with it."""
+        running = self.scheduler.running
+        if is_prefill:
+            rows, decode_inputs = running.rows_of(seqs), None
+        else:
+            rows, _, tiles = running.decode_rows()
+            decode_inputs = running.decode_inputs(rows, tiles)
+        tokens, logits = self.runner.run(seqs, rows, decode_inputs, running.sampling(rows))
+        launched = LaunchedStep(seqs, rows, running.advance(rows), tokens,
+                                GeneratedLogprobs.of(logits, tokens.device, running.logprobs[rows]))
+        self.stats.steps += 1
+        if not is_prefill:
+            self.stats.decode_steps += 1
+            self.stats.adapters_per_decode_step += len(running.adapters)
+            return launched
+        self.runner.pool.prefix_cache.mark_computed()   # the pages this batch keyed now hold its K/V
+        # A preempted sequence's recompute is not new prompt work: count each prompt once.
+        self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in seqs if not s.preemptions)
+        self.stats.prefill_tokens_requested += sum(s.num_tokens for s in seqs)
+        self.stats.prefill_tokens_computed += sum(s.num_tokens - s.num_cached_tokens for s in seqs)
+        for seq in seqs:
+            if seq.is_scored:   # its log-probs were read in the prefill: done (its sampled token is not read)
+                self.stats.scored_tokens += seq.num_scored_tokens
+                outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)))
+                self.scheduler.finish(seq)
+        return launched
+
+    def _out_of_memory(self, seqs: list[Sequence], is_prefill: bool) -> list[RequestOutput]:
+        self.runner.release_cached_memory()
+        if len(seqs) > 1:
+            log.warning("out of device memory on a batch of %d; retrying with smaller batches", len(seqs))
+            self.scheduler.back_off(seqs, is_prefill)
+            return []
+        self.scheduler.finish(seqs[0])
+        return [self._output(seqs[0], "out of device memory even alone: shorten the prompt or max_new_tokens, or "
+                                      "run on a larger device")]
+
+    def _read(self, step: "LaunchedStep") -> list[RequestOutput]:
+        """Take a launched step's tokens: rows whose logits were NaN or Inf fail, the others get their token,
+        and the sequences it finishes are output. Sequences that stopped running since the launch (finished
+        by the step before, scored, preempted: a preempted one recomputes the token) are passed over."""
+        tokens = step.tokens.read()
+        keep = np.fromiter((seq.status is SequenceStatus.RUNNING for seq in step.seqs), bool, len(step.seqs))
+        outputs = []
+        for i in np.flatnonzero(keep & (tokens == NONFINITE)).tolist():
+            keep[i] = False
+            self.scheduler.finish(step.seqs[i])
+            outputs.append(self._output(step.seqs[i], nonfinite_error(step.seqs[i])))
+        if step.logprobs is not None:
+            step.logprobs.record(step.seqs, keep)
+        seqs, tokens = list(compress(step.seqs, keep)), tokens[keep]
+        self.scheduler.running.append_tokens(seqs, tokens)
+        self.stats.output_tokens += len(seqs)
+        for seq in self._finished(seqs, step.rows[keep], tokens, step.counts[keep]):
+            outputs.append(self._output(seq))
             self.scheduler.finish(seq)
-        return list(compress(seqs, generating)), tokens[generating]
+        return outputs
 
-    def _fail_nonfinite(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray,
-                        outputs: list[RequestOutput]) -> tuple[list[Sequence], np.ndarray, np.ndarray]:
-        """Fail the rows whose logits were NaN or Inf, and only those; the rest of the step goes on."""
-        bad = tokens == NONFINITE
-        if not bad.any():
-            return seqs, rows, tokens
-        for i in np.flatnonzero(bad).tolist():
-            self.scheduler.finish(seqs[i])
-            outputs.append(self._output(seqs[i], nonfinite_error(seqs[i])))
-        keep = ~bad
-        return list(compress(seqs, keep)), rows[keep], tokens[keep]
-
-    def _finished(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray) -> list[Sequence]:
-        """The sequences the newest tokens finish (EOS, a stop string, or their length), each with its
-        finish_reason set; checked for the whole batch at once, stop strings only where a row has them."""
+    def _finished(self, seqs: list[Sequence], rows: np.ndarray, tokens: np.ndarray,
+                  counts: np.ndarray) -> list[Sequence]:
+        """The sequences the newest tokens finish (EOS, a stop string, or their length: `counts` tokens with
+        them), each with its finish_reason set; checked for the whole batch at once, stop strings only where
+        a row has them."""
         running = self.scheduler.running
         eos = np.isin(tokens, list(self.tokenizer.eos_token_ids))
-        full = running.num_tokens[rows] >= running.max_tokens[rows]
+        full = counts >= running.max_tokens[rows]
         done = []
         for i in np.flatnonzero(eos | full | running.has_stop[rows]).tolist():
             seq = seqs[i]
@@ -263,7 +300,7 @@ class Engine:
         for seq in siblings_together(seqs):   # the choices of a question in one batch: they share its prompt
             self.scheduler.add(seq)
         started = time.perf_counter()
-        while not self.scheduler.is_finished() and not should_stop():
+        while not self.is_finished() and not should_stop():
             yield from self.step()
         log.info("engine done in %.1fs: %s", time.perf_counter() - started, self.stats)
 

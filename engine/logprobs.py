@@ -7,6 +7,7 @@ prompt), and at most LOGIT_ROWS rows at a time.
 """
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 LOGIT_ROWS = 256    # rows of [rows, vocab] float32 logits alive at once while scoring
@@ -36,21 +37,36 @@ def _top_lists(ids: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, 
     return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def record_generated(logits: torch.Tensor, tokens: list[int], seqs: list) -> None:
-    """Append the log-prob (and alternatives) of each sequence's new token, for generating sequences whose
-    request asks for logprobs. logits [B, vocab]: the row each token was sampled from."""
-    asked = [i for i, seq in enumerate(seqs)   # a negative token (NONFINITE): the row fails, nothing to record
-             if seq.request.logprobs is not None and not seq.is_scored and tokens[i] >= 0]
-    if not asked:
-        return
-    top_n = max(seqs[i].request.logprobs for i in asked)
-    rows = torch.tensor(asked, device=logits.device)
-    chosen, _, top_ids, top_values = token_logprobs(logits[rows], torch.tensor(tokens, device=logits.device)[rows],
-                                                    top_n)
-    for i, value, top in zip(asked, chosen.tolist(), _top_lists(top_ids, top_values)):
-        record = seqs[i].logprobs
-        record.values.append(value)
-        record.top.append(top[:seqs[i].request.logprobs])
+@dataclass
+class GeneratedLogprobs:
+    """The log-probs of a step's sampled tokens at the batch positions that ask for them, still on the device
+    (computed when the step is launched, read when its tokens are)."""
+    asked: list[int]                    # batch positions
+    top_n: list[int]                    # alternatives each asks for
+    chosen: torch.Tensor                # [asked] the token's log-prob
+    top_ids: torch.Tensor               # [asked, max top_n]
+    top_values: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top_n: np.ndarray) -> "GeneratedLogprobs | None":
+        """logits [B, vocab] each token was sampled from, tokens [B] on the device, top_n [B] (-1: not asked)."""
+        asked = np.flatnonzero(top_n >= 0)
+        if not asked.size:
+            return None
+        index = torch.from_numpy(asked).to(logits.device)
+        # a NONFINITE token (negative) fails its row: gather anything valid, the row is never recorded
+        chosen, _, top_ids, top_values = token_logprobs(logits[index], tokens[index].clamp(min=0),
+                                                        int(top_n[asked].max()))
+        return cls(asked.tolist(), top_n[asked].tolist(), chosen, top_ids, top_values)
+
+    def record(self, seqs: list, keep: np.ndarray) -> None:
+        """Append each asked token's log-prob and alternatives to its sequence (seqs: the step's batch), where
+        `keep` [B] says the sequence still takes the token."""
+        for i, n, value, top in zip(self.asked, self.top_n, self.chosen.tolist(),
+                                    _top_lists(self.top_ids, self.top_values)):
+            if keep[i]:
+                seqs[i].logprobs.values.append(value)
+                seqs[i].logprobs.top.append(top[:n])
 
 
 def score_continuations(seqs: list, hidden: torch.Tensor, seq_starts: list[int], compute_logits) -> None:

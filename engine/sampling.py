@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from engine.request import GREEDY_BELOW
-from engine.sequence import Sequence
 
-NONFINITE = -1          # sample_next_tokens' token for a row whose logits hold a NaN or an Inf
+NONFINITE = -1          # the token of a row whose logits hold a NaN or an Inf (ModelRunner.run)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -90,6 +89,10 @@ def keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     return torch.maximum(kth, nucleus)
 
 
+# SamplingBatch's tensor fields and their types
+SAMPLING_FIELDS = dict(temperature=np.float32, top_k=np.int64, top_p=np.float32, seed=np.int64, position=np.int64)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of a batch where at least one row samples (tensors on the logits' device)."""
@@ -99,22 +102,6 @@ class SamplingBatch:
     seed: torch.Tensor           # int64 [B]
     position: torch.Tensor       # int64 [B]: index in its sequence of the token being chosen
     truncates: bool              # some row has top_k or top_p < 1 (only then are rows sorted)
-
-    @classmethod
-    def of(cls, seqs: list[Sequence], device) -> "SamplingBatch | None":
-        """The batch's parameters; None when every row is greedy."""
-        params = [seq.sampling for seq in seqs]
-        if all(p.greedy for p in params):
-            return None
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-        return cls(tensor([p.temperature for p in params], torch.float32),
-                   tensor([p.top_k for p in params], torch.int64),
-                   tensor([p.top_p for p in params], torch.float32),
-                   tensor([seq.seed for seq in seqs], torch.int64),
-                   tensor([seq.num_tokens for seq in seqs], torch.int64),
-                   any(p.top_k or p.top_p < 1 for p in params if not p.greedy))
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +119,3 @@ def sample_tokens(logits: torch.Tensor, params: SamplingBatch | None) -> tuple[t
     # greedy rows get no noise: their argmax is the plain one (truncation always keeps the largest logit)
     noise = log_exponentials(params.seed, params.position, logits.shape[-1]).mul_(sampled[:, None])
     return scaled.sub_(noise).argmax(dim=-1), nonfinite
-
-
-def sample_next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> np.ndarray:
-    """Each sequence's next token (int64), NONFINITE where its logits were not finite; one read of the device."""
-    tokens, nonfinite = sample_tokens(logits, SamplingBatch.of(seqs, logits.device))
-    return tokens.masked_fill_(nonfinite, NONFINITE).cpu().numpy()

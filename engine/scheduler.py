@@ -159,17 +159,18 @@ class Scheduler:
         return sorted(batch, key=self._slot)
 
     def _schedule_decode(self) -> list[Sequence]:
-        """Every running sequence, once each has a KV block for its newest token: idle adapters are evicted,
-        then the sequences last in order preempted, while the pool has too few free pages for that."""
+        """The running sequences of a decode step (RunningBatch.decode_rows), once each has a KV block for its
+        newest token: idle adapters are evicted, then the sequences last in order preempted, while the pool has
+        too few free pages for that."""
         running = self.running
         while len(running):
-            rows = running.order()
+            rows, seqs, _ = running.decode_rows()
             needed = running.kv_blocks_needed(rows)
             if len(needed) <= self.pool.num_free:
                 running.grow_kv(needed)
-                return running.sequences()
+                return seqs
             if not self._evict_idle(self.active_adapters()):
-                self.preempt(running.seqs[rows[-1]])
+                self.preempt(seqs[-1])
         return []
 
     def _slot(self, seq: Sequence) -> int:

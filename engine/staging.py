@@ -4,65 +4,78 @@ from math import prod
 import numpy as np
 import torch
 
+# element types a buffer of 4-byte words carries: each array is written as its bytes and viewed back as its type
+TORCH_TYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
+
 
 class Staging:
-    """One int32 host buffer, pinned on CUDA, and its device twin. A step's arrays (token ids, positions, KV
-    slots, block tables, LoRA tiles...) are written into named views of the host buffer and sent in one
-    non-blocking copy. On CPU the host buffer is the device buffer: no copy at all.
+    """One host buffer of 4-byte words, pinned on CUDA, and its device twin. A step's arrays (token ids,
+    positions, KV slots, block tables, LoRA tiles, sampling parameters...) are written into named views of
+    the host buffer and sent in one non-blocking copy. On CPU the host buffer is the device buffer: no copy.
 
     Device views alias the buffer: a step's inputs live until the next step's are written (on CUDA, stream
     order keeps queued kernels reading the old values; the host waits for the last copy to have left the
     host buffer before writing it again)."""
 
-    def __init__(self, device: torch.device, numel: int = 0):
+    def __init__(self, device: torch.device, words: int = 0):
         self.on_cuda, self.device = device.type == "cuda", device
         self.copied = None   # a CUDA event: the last copy out of the host buffer
         self.host = self.dev = torch.empty(0, dtype=torch.int32)
         self._last_key, self._last_views = None, None
-        self._reserve(numel)
+        self._reserve(words)
 
-    def _reserve(self, numel: int) -> None:
-        if self.host.numel() >= numel:
+    def _reserve(self, words: int) -> None:
+        if self.host.numel() >= words:
             return
         self.wait()
-        numel = max(numel, 2 * self.host.numel())
-        self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=self.on_cuda)
-        self.dev = torch.zeros(numel, dtype=torch.int32, device=self.device) if self.on_cuda else self.host
+        words = max(words, 2 * self.host.numel())
+        self.host = torch.zeros(words, dtype=torch.int32, pin_memory=self.on_cuda)
+        self.dev = torch.zeros(words, dtype=torch.int32, device=self.device) if self.on_cuda else self.host
 
     def wait(self) -> None:
         """Until the host buffer may be written again."""
         if self.copied is not None:
             self.copied.synchronize()
 
-    def views(self, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-        """Named host and device views laid back to back from the buffer's start (grown when too small;
-        a caller that keeps device views across steps sizes the buffer up front so it never moves).
-        Consecutive steps mostly have the same shapes: the last layout's views are reused then."""
-        key = (tuple(shapes.items()), self.host.data_ptr())
+    def views(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+              ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Named host and device views, each {name: (shape, dtype)} (int32, float32 or int64), laid back to
+        back from the buffer's start (8-byte types 8-byte aligned), the buffer grown when too small: a caller
+        that keeps device views across steps sizes it up front so it never moves. Consecutive steps mostly
+        have the same specs: the last layout's views are reused then."""
+        key = (tuple(specs.items()), self.host.data_ptr())
         if key == self._last_key:
-            return self._last_views
-        sizes = {name: prod(shape) for name, shape in shapes.items()}
-        self._reserve(sum(sizes.values()))
-        host, hosts, devs, offset = self.host.numpy(), {}, {}, 0
-        for name, shape in shapes.items():
-            hosts[name] = host[offset:offset + sizes[name]].reshape(shape)
-            devs[name] = self.dev[offset:offset + sizes[name]].view(shape)
-            offset += sizes[name]
-        self._last_key, self._last_views = (tuple(shapes.items()), self.host.data_ptr()), (hosts, devs)
+            return self._last_views[:2]
+        layout, offset = {}, 0
+        for name, (shape, dtype) in specs.items():
+            width = np.dtype(dtype).itemsize // 4
+            offset += offset % width
+            layout[name] = (offset, prod(shape) * width, shape, np.dtype(dtype))
+            offset += prod(shape) * width
+        self._reserve(offset)
+        host, hosts, devs = self.host.numpy(), {}, {}
+        for name, (start, words, shape, dtype) in layout.items():
+            hosts[name] = host[start:start + words].view(dtype).reshape(shape)
+            devs[name] = self.dev[start:start + words].view(TORCH_TYPES[dtype]).view(shape)
+        self._last_key, self._last_views = (tuple(specs.items()), self.host.data_ptr()), (hosts, devs, offset)
         return hosts, devs
 
-    def send(self, numel: int) -> None:
-        """Copy the first numel elements to the device (nothing to do on CPU)."""
+    def send(self, words: int | None = None) -> None:
+        """Copy the first `words` words (all of them by default) to the device (nothing to do on CPU)."""
         if self.on_cuda:
-            self.dev[:numel].copy_(self.host[:numel], non_blocking=True)
+            words = self.host.numel() if words is None else words
+            self.dev[:words].copy_(self.host[:words], non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
 
-    def put(self, **arrays: np.ndarray) -> dict[str, torch.Tensor]:
-        """Device views holding these arrays, sent in one copy."""
+    def put(self, arrays: dict[str, np.ndarray], dtypes: dict[str, type] | None = None) -> dict[str, torch.Tensor]:
+        """Device views holding these arrays, sent in one copy: as int32 (what the model and kernels take),
+        or as the type `dtypes` names for them (float32 or int64)."""
         self.wait()
-        hosts, devs = self.views({name: array.shape for name, array in arrays.items()})
+        dtypes = dtypes or {}
+        specs = {name: (a.shape, np.dtype(dtypes.get(name, np.int32))) for name, a in arrays.items()}
+        hosts, devs = self.views(specs)
         for name, array in arrays.items():
             hosts[name][...] = array
-        self.send(sum(array.size for array in arrays.values()))
+        self.send(self._last_views[2])   # the words the layout spans
         return devs

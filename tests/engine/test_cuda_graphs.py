@@ -73,14 +73,15 @@ def test_the_guard_catches_host_syncs():
     assert torch.arange(3).tolist() == [0, 1, 2]   # restored on exit
 
 
-def test_graph_decode_steps_give_the_eager_tokens(llama_fleet):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_graph_decode_steps_give_the_eager_tokens(llama_fleet, overlap):
     mixed = mixed_requests(llama_fleet.adapter_ids, 11, 6, seed=3)
     base_only = [replace(r, request_id=f"base-{r.request_id}", adapter_id=None)
                  for r in mixed_requests(llama_fleet.adapter_ids, 3, 6, seed=4)]
     # On a GPU host the same eager replays run on CUDA (the interpreter is only on without one).
     config = dict(model=str(llama_fleet.model), adapters=str(llama_fleet.adapters), kernels="triton",
                   device="cuda" if torch.cuda.is_available() else "cpu", cuda_graphs=False, num_pages=256,
-                  max_num_seqs=6, max_active_adapters=3)
+                  max_num_seqs=6, max_active_adapters=3, overlap_steps=overlap)
 
     def run(engine):
         outputs = {o.request_id: o.output_token_ids for batch in (mixed, base_only) for o in engine.generate(batch)}
@@ -90,7 +91,7 @@ def test_graph_decode_steps_give_the_eager_tokens(llama_fleet):
     expected = run(Engine(EngineConfig(**config)))
     engine = Engine(EngineConfig(**config))
     runner = engine.runner
-    graphs = EagerReplayGraphs(runner.model, runner.ops, runner.adapters, runner.pool, 6,
+    graphs = EagerReplayGraphs(runner.model, runner.ops, runner.adapters, runner.pool, runner.row_tokens,
                                runner.pool.blocks_needed(runner.max_model_len), 3)
     runner.graphs = graphs
     assert graphs.buckets == [1, 2, 4, 6]

@@ -113,7 +113,8 @@ def test_decode_graphs_capture_every_bucket_with_and_without_lora(monkeypatch, l
     monkeypatch.setattr(DecodeGraphs, "_forward",
                         lambda self, bs, with_lora: forwards.append((bs, with_lora, len(captures)))
                         or real_forward(self, bs, with_lora))
-    graphs = DecodeGraphs(runner.model, runner.ops, runner.adapters, runner.pool, 4, 8, 2)
+    graphs = DecodeGraphs(runner.model, runner.ops, runner.adapters, runner.pool, torch.zeros(4, dtype=torch.int32),
+                          8, 2)
     steps = [(4, True), (4, False), (2, True), (2, False), (1, True), (1, False)]
     assert list(graphs.replays) == steps and all(c.mode == "thread_local" for c in captures)
     assert [c.pool for c in captures] == [None] + [("pool", id(g)) for g in FakeGraph.made[:-1]]

@@ -5,9 +5,9 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import Request, SamplingParams
-from engine.sampling import sample_next_tokens
 from engine.sequence import Sequence
 from tests.checkpoints import write_peft_adapter
+from tests.engine.test_sampling import sample_sequences
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     for seed in range(200):
         seq = Sequence(Request("x", None, prompt_token_ids=[1],
                                sampling=SamplingParams(temperature=1.0, top_p=0.7)), [1], 4, seed)
-        seen.update(sample_next_tokens(logits, [seq]))
+        seen.update(sample_sequences(logits, [seq]))
     assert seen == {0, 1}
 
 
@@ -49,7 +49,7 @@ def test_a_tiny_temperature_samples_the_top_token(temperature):
     logits = torch.tensor([[0.5, 2.0, 1.9, -3.0]])
     seq = Sequence(Request("x", None, prompt_token_ids=[1], sampling=SamplingParams(temperature=temperature)),
                    [1], 4, 0)
-    assert sample_next_tokens(logits, [seq]).tolist() == [1]
+    assert sample_sequences(logits, [seq]).tolist() == [1]
 
 
 def test_stop_string_truncates_text_and_finishes(engine):

@@ -49,7 +49,7 @@ def prefill_logits(engine: Engine, requests) -> torch.Tensor:
         if seq.adapter_id:
             engine.scheduler._make_resident(seq.adapter_id, set())
         engine.runner.pool.allocate_kv(seq)
-    logits = engine.runner.prefill_logits(seqs)
+    logits, _ = engine.runner.prefill_logits(seqs)
     engine.close()
     return logits
 

@@ -49,7 +49,7 @@ def test_last_position_logits_close_to_peft(fleet, oracle):
         if seq.adapter_id:
             engine.scheduler._make_resident(seq.adapter_id, set())
         engine.runner.pool.allocate_kv(seq)
-    logits = engine.runner.prefill_logits(seqs)
+    logits, _ = engine.runner.prefill_logits(seqs)
     for seq, row in zip(seqs, logits):
         with torch.no_grad():
             ids = torch.tensor([seq.token_ids])
@@ -98,10 +98,10 @@ def test_out_of_memory_splits_batches_and_fails_only_what_cannot_fit(llama_fleet
     engine = make_engine(llama_fleet)
     real_run = engine.runner.run
 
-    def small_device(seqs, decode_inputs=None):
+    def small_device(seqs, *args):
         if len(seqs) > 3 or sum(s.num_tokens for s in seqs) >= 30:
             raise torch.OutOfMemoryError("simulated")
-        return real_run(seqs, decode_inputs)
+        return real_run(seqs, *args)
 
     monkeypatch.setattr(engine.runner, "run", small_device)
     outputs = {o.request_id: o for o in engine.generate(requests)}

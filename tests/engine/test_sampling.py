@@ -1,12 +1,14 @@
 """The batched sampler: a row's token depends on its logits, seed and position alone; the distributions it
 draws from are the asked ones; top-k/top-p edge cases; non-finite rows are flagged alone; no host sync."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from engine.request import Request, SamplingParams
-from engine.sampling import (NONFINITE, SamplingBatch, log_exponentials, sample_next_tokens, sample_tokens,
-                             sorted_descending)
+from engine.running_batch import RunningBatch
+from engine.sampling import NONFINITE, SamplingBatch, log_exponentials, sample_tokens, sorted_descending
 from engine.sequence import Sequence
 from tests.engine.test_cuda_graphs import NoHostSync
 
@@ -30,6 +32,19 @@ def mixed_batch(n: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, Sampli
     top_p = torch.where(kind >= 3, torch.rand(n, generator=g) * 0.99 + 0.01, 1.0)
     seeds = torch.randint(-2**63, 2**63 - 1, (n,), generator=g)
     return logits, params(n, temperature, top_k, top_p, seeds, torch.randint(0, 4000, (n,), generator=g))
+
+
+def sample_sequences(logits: torch.Tensor, seqs: list[Sequence]) -> np.ndarray:
+    """What the engine samples for these sequences: their rows' parameters from a RunningBatch (seed, position
+    = the token count), then sample_tokens; NONFINITE where the logits are not."""
+    running = RunningBatch(len(seqs), 1, SimpleNamespace(block_size=16))
+    for seq in seqs:
+        running.add(seq, -1)
+    sampling = running.sampling(running.rows_of(seqs))
+    batch = None if sampling is None else \
+        SamplingBatch(**{name: torch.from_numpy(values) for name, values in sampling[0].items()}, truncates=sampling[1])
+    tokens, nonfinite = sample_tokens(logits, batch)
+    return tokens.masked_fill_(nonfinite, NONFINITE).numpy()
 
 
 def rows(p: SamplingBatch, index) -> SamplingBatch:
@@ -124,19 +139,19 @@ def test_nonfinite_rows_are_flagged_alone_greedy_and_sampled(bad):
     assert torch.equal(greedy_flags, flags)
 
 
-def test_sample_next_tokens_reads_the_sequences_and_marks_nonfinite_rows():
+def test_the_running_batch_gives_each_row_its_parameters_and_nonfinite_rows_are_marked():
     def seq(temperature, seed, prompt):
         request = Request("x", None, prompt_token_ids=prompt, sampling=SamplingParams(temperature=temperature))
         return Sequence(request, prompt, 4, seed)
     logits = torch.randn(4, 30)
     logits[2, 0] = float("nan")
     seqs = [seq(0.0, 1, [1]), seq(1.0, 2**64 + 5, [1, 2]), seq(1.0, 9, [3]), seq(0.7, -3, [4, 4, 4])]
-    tokens = sample_next_tokens(logits, seqs)
+    tokens = sample_sequences(logits, seqs)
     assert tokens.dtype == np.int64 and tokens[0] == int(logits[0].argmax()) and tokens[2] == NONFINITE
     expected, _ = sample_tokens(logits, params(4, torch.tensor([0.0, 1.0, 1.0, 0.7]), 0, 1.0,
                                                torch.tensor([1, 5, 9, -3]), torch.tensor([1, 2, 1, 3])))
     assert tokens[[1, 3]].tolist() == expected[[1, 3]].tolist()
-    assert SamplingBatch.of(seqs[:1], "cpu") is None                          # every row greedy: no tensors
+    assert RunningBatch(1, 1, SimpleNamespace(block_size=16)).sampling(np.array([], np.int64)) is None
 
 
 def test_sampling_reads_nothing_back_from_the_device():

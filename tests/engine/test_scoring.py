@@ -173,10 +173,10 @@ def test_pages_of_a_batch_that_ran_out_of_memory_are_not_shared_later(llama_flee
     real_run = engine.runner.run
     failures = iter([True, True])
 
-    def flaky_device(seqs, is_prefill):
-        if is_prefill and next(failures, False):
+    def flaky_device(seqs, rows, decode_inputs, sampling):
+        if decode_inputs is None and next(failures, False):     # a prefill
             raise torch.OutOfMemoryError("simulated")
-        return real_run(seqs, is_prefill)
+        return real_run(seqs, rows, decode_inputs, sampling)
 
     monkeypatch.setattr(engine.runner, "run", flaky_device)
     assert_same_numbers(expected, {o.request_id: o for o in engine.generate(requests)})
