@@ -101,7 +101,7 @@ def run_lorafleet(name: str, config: EngineConfig, model: Transformer, workload:
         sched, stats = engine.scheduler, engine.stats
         timing, done = DecodeTiming(), 0
         started = time.perf_counter()
-        while not sched.is_finished():
+        while not engine.is_finished():
             batch = list(sched.running)   # what a decode step runs (unless it must preempt)
             decode_steps, step_start = stats.decode_steps, time.perf_counter()
             outputs = engine.step()
