@@ -10,11 +10,10 @@ import polars as pl
 from dagster import (AssetExecutionContext, AssetIn, Config, ConfigMapping, In, MaterializeResult, MetadataValue,
                      Nothing, OpExecutionContext, Out, TableColumn, TableRecord, TableSchema, asset, graph_asset, op)
 
-from pipeline.charts import night_chart
+from pipeline.evaluation.metrics import nightly_metrics
+from pipeline.evaluation.report import write_night_chart
 from pipeline.layout import metrics_url, requests_url, results_url
-from pipeline.metrics import nightly_metrics, read_metrics
 from pipeline.plan import AdapterShard, Plan
-from pipeline.report import write_bytes
 from pipeline.requests import parse_requests, read_request_table
 from pipeline.results import ResultStore
 from pipeline.run import RunSummary, plan_run, run_requests
@@ -112,14 +111,12 @@ def generations(inference_plan):
 @asset(partitions_def=daily, deps=[generations], kinds={"polars", "parquet"})
 def adapter_metrics(context: AssetExecutionContext, lorafleet: LorafleetResource) -> MaterializeResult:
     """One row per adapter: error rate and scores, each compared with the adapter's previous night; and the
-    night's chart (pipeline.charts)."""
+    night's chart (pipeline.evaluation.charts)."""
     date, so = context.partition_key, lorafleet.storage_options
     table = nightly_metrics(lorafleet.root, date, margin=lorafleet.regression_margin, storage_options=so)
     worst = table.sort(["regressed", "error_rate", "chrf"], descending=[True, True, False], nulls_last=True)
-    history = read_metrics(join(lorafleet.root, "metrics"), so).filter(pl.col("date") <= date)
-    png = night_chart(history, date, lorafleet.regression_margin)
     chart_url = join(metrics_url(lorafleet.root, date), "scores.png")
-    write_bytes(chart_url, png, so)
+    png = write_night_chart(lorafleet.root, date, chart_url, lorafleet.regression_margin, so)
     return MaterializeResult(metadata={
         "url": MetadataValue.path(metrics_url(lorafleet.root, date)),
         "adapters": table.height,

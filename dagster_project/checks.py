@@ -9,8 +9,8 @@ from collections import Counter
 import polars as pl
 from dagster import AssetCheckExecutionContext, AssetCheckResult, PreviewWarning, asset_check
 
+from pipeline.evaluation.metrics import read_metrics
 from pipeline.layout import metrics_url, requests_url, results_url
-from pipeline.metrics import read_metrics
 from pipeline.requests import read_request_table
 from pipeline.results import ResultStore
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance
 
-from pipeline import demo
+from pipeline.demo import nights
 
 from .assets import generations
 from .definitions import defs
@@ -40,7 +40,7 @@ def dagster_nights(root: str, home: Path | None = None) -> Callable[[str], str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    demo.main(argv, night_runner=dagster_nights, prog="python -m dagster_project.demo")
+    nights.main(argv, night_runner=dagster_nights, prog="python -m dagster_project.demo")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ class DecodeGraphs:
         n = self.buckets[-1]
         i32 = np.int32
         # every static input is a view of one buffer, filled through its pinned twin and sent in one copy
+        # (the block tables last: a bucket's step sends the buffer only as far as its own rows of them)
         specs = dict(rows=((n,), i32), positions=((n,), i32), slot_mapping=((n,), i32), context_lens=((n,), i32),
-                     tiles=((max_decode_tiles(n, max_active_adapters), 3), i32), block_tables=((n, max_blocks), i32),
-                     **{name: ((n,), dtype) for name, dtype in SAMPLING_FIELDS.items()})   # read by the sampler
+                     tiles=((max_decode_tiles(n, max_active_adapters), 3), i32),
+                     **{name: ((n,), dtype) for name, dtype in SAMPLING_FIELDS.items()},   # read by the sampler
+                     block_tables=((n, max_blocks), i32))
         self.staging = Staging(device)
         self.host, self.inputs = self.staging.views(specs)
         self._pad(0, n, self.inputs)
@@ -100,6 +102,6 @@ class DecodeGraphs:
         host["tiles"][:len(tiles)] = tiles
         host["tiles"][len(tiles):self._tiles_of(bs), 0] = -1
         self._pad(n, bs, host)
-        self.staging.send()
+        self.staging.send(self.staging.words - host["block_tables"][bs:].size)
         self.replays[bs, len(tiles) > 0]()
         return self.hidden[:n], {name: view[:n] for name, view in self.inputs.items()}

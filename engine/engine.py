@@ -1,10 +1,11 @@
 """The engine loop: admit requests, then schedule -> run -> postprocess until every request is done."""
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import compress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,57 +13,19 @@ import torch
 from engine.adapter_memory import pack_adapter
 from engine.adapters import AdapterStore
 from engine.config import EngineConfig
-from engine.model import Transformer
 from engine.logprobs import GeneratedLogprobs
+from engine.model import Transformer
 from engine.model_runner import ModelRunner, StepTokens
 from engine.prefix_cache import siblings_together
 from engine.request import Request, RequestOutput
 from engine.sampling import NONFINITE
 from engine.scheduler import Scheduler
 from engine.scoring import encode_request, logprob_fields, scored_output, scored_sequence, scoring_problem
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Sequence
+from engine.stats import EngineStats
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("lorafleet.engine")
-
-
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    steps: int = 0
-    decode_steps: int = 0
-    adapters_per_decode_step: int = 0   # summed; divide by decode_steps for the mean
-    adapter_loads: int = 0
-    adapter_bytes_loaded: int = 0
-    adapter_reads: int = 0
-    adapter_bytes_read: int = 0
-    adapter_read_s: float = 0.0         # wall seconds with at least one adapter read under way
-    adapter_load_wait_s: float = 0.0    # seconds the engine loop (so the device) waited for an adapter read
-    peak_pool_pages_used: int = 0
-    pool_pages: int = 0
-    preemptions: int = 0
-    prefill_tokens_requested: int = 0   # tokens of every prefilled sequence (prompt, continuation, recompute)
-    prefill_tokens_computed: int = 0    # of those, the ones run through the model (not in shared prefix pages)
-    scored_tokens: int = 0              # continuation tokens scored
-
-    @property
-    def mean_adapters_per_decode_step(self) -> float:
-        return self.adapters_per_decode_step / max(self.decode_steps, 1)
-
-    @property
-    def adapter_read_gb_per_s(self) -> float:
-        return self.adapter_bytes_read / self.adapter_read_s / 1e9 if self.adapter_read_s else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:   # the engine's end-of-run log line: figures a person reads, not a repr
-        return (f"{self.prompt_tokens:,} prompt + {self.output_tokens:,} output tokens in {self.steps:,} steps "
-                f"({self.decode_steps:,} decode, {self.mean_adapters_per_decode_step:.1f} adapters each); "
-                f"{self.adapter_loads:,} adapter loads ({self.adapter_bytes_loaded / 2**20:,.1f} MiB, "
-                f"{self.adapter_reads:,} reads); pool peak {self.peak_pool_pages_used:,} of {self.pool_pages:,} "
-                f"pages; {self.preemptions:,} preemptions")
 
 
 @dataclass
@@ -70,6 +33,7 @@ class LaunchedStep:
     """A step queued on the device whose tokens the host has not read yet."""
     seqs: list[Sequence]                    # its batch
     rows: np.ndarray                        # their RunningBatch rows
+    epochs: np.ndarray                      # the rows' epochs at launch (RunningBatch.epoch)
     counts: np.ndarray                      # their token counts with the launched token
     tokens: StepTokens
     logprobs: GeneratedLogprobs | None      # of the rows that ask
@@ -83,8 +47,9 @@ def default_seed(request_id: str) -> int:
 def nonfinite_error(seq: Sequence) -> str:
     """The error of a row whose logits came out NaN or Inf (only that row fails)."""
     culprit = f"adapter {seq.adapter_id!r}" if seq.adapter_id else "the base model"
-    return (f"non-finite logits (NaN or Inf) at output token {seq.num_output_tokens + 1}: {culprit} computes "
-            f"NaN/Inf on this prompt (weights that hold NaN/Inf or overflow the dtype); check {culprit}'s weights")
+    where = "scoring its continuation" if seq.is_scored else f"at output token {seq.num_output_tokens + 1}"
+    return (f"non-finite logits (NaN or Inf) {where}: {culprit} computes NaN/Inf on this prompt (weights that "
+            f"hold NaN/Inf or overflow the dtype); check {culprit}'s weights")
 
 
 class Engine:
@@ -118,7 +83,10 @@ class Engine:
         """The request's sequence, or its error output."""
         if request.prompt_token_ids is None and not request.prompt and not request.is_scored:
             return RequestOutput.failed(request, "empty prompt: give a non-empty prompt or prompt_token_ids")
-        ids, continuation = encode_request(self.tokenizer, request)
+        try:
+            ids, continuation = encode_request(self.tokenizer, request)
+        except ValueError as e:   # a scored row's empty prompt, and no token to stand for it
+            return RequestOutput.failed(request, str(e))
         vocab = self.runner.args.vocab_size
         if not ids:
             return RequestOutput.failed(request, "the prompt encodes to no tokens")
@@ -184,8 +152,8 @@ class Engine:
             rows, _, tiles = running.decode_rows()
             decode_inputs = running.decode_inputs(rows, tiles)
         tokens, logits = self.runner.run(seqs, rows, decode_inputs, running.sampling(rows))
-        launched = LaunchedStep(seqs, rows, running.advance(rows), tokens,
-                                GeneratedLogprobs.of(logits, tokens.device, running.logprobs[rows]))
+        logprobs = GeneratedLogprobs.of(logits, tokens.device, running.logprobs[rows])   # may run out of memory too
+        launched = LaunchedStep(seqs, rows, running.epoch[rows], running.advance(rows), tokens, logprobs)
         self.stats.steps += 1
         if not is_prefill:
             self.stats.decode_steps += 1
@@ -199,7 +167,9 @@ class Engine:
         for seq in seqs:
             if seq.is_scored:   # its log-probs were read in the prefill: done (its sampled token is not read)
                 self.stats.scored_tokens += seq.num_scored_tokens
-                outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)))
+                finite = math.isfinite(seq.logprobs.total)
+                outputs.append(scored_output(seq, self.tokenizer, self._sha256(seq)) if finite else
+                               self._output(seq, nonfinite_error(seq)))
                 self.scheduler.finish(seq)
         return launched
 
@@ -216,9 +186,10 @@ class Engine:
     def _read(self, step: "LaunchedStep") -> list[RequestOutput]:
         """Take a launched step's tokens: rows whose logits were NaN or Inf fail, the others get their token,
         and the sequences it finishes are output. Sequences that stopped running since the launch (finished
-        by the step before, scored, preempted: a preempted one recomputes the token) are passed over."""
+        by the step before, scored, preempted: a preempted one recomputes the token) are passed over: their
+        row's epoch moved on."""
         tokens = step.tokens.read()
-        keep = np.fromiter((seq.status is SequenceStatus.RUNNING for seq in step.seqs), bool, len(step.seqs))
+        keep = self.scheduler.running.epoch[step.rows] == step.epochs     # still the same sequence on the row
         outputs = []
         for i in np.flatnonzero(keep & (tokens == NONFINITE)).tolist():
             keep[i] = False
@@ -272,7 +243,7 @@ class Engine:
         token ago), and each token gives at least a byte of text, so 4 tokens per character plus a margin
         (a decoder may treat the window's first token differently) cover it."""
         window = 4 * max(len(s) for s in seq.sampling.stop) + 4
-        tail = self.tokenizer.decode(seq.output_token_ids[-window:])
+        tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt_tokens, seq.num_tokens - window):])
         return any(s in tail for s in seq.sampling.stop)
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:

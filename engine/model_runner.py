@@ -78,7 +78,7 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.pool.kv_cache(i)
         self.adapters = ResidentAdapters(args, self.pool, config.max_resident_adapters, config.max_lora_rank,
-                                         self.device)
+                                         self.device, self.ops)
         self.lora_workspace = LoraWorkspace(self.device)
         self.staging = Staging(self.device)
         # each running row's newest token, written by the step that samples it: the next decode step reads

@@ -37,6 +37,7 @@ class RunningBatch:
         self.seed = np.zeros(max_seqs, np.int64)
         self.adapter_slot = np.full(max_seqs, -1, np.int32)          # -1 = base model
         self.block_tables = np.zeros((max_seqs, max_blocks), np.int32)
+        self.epoch = np.zeros(max_seqs, np.int64)                     # bumped when a row's sequence stops running
         self.adapters: Counter[str] = Counter()                       # running sequences per adapter
         self._order: np.ndarray | None = None
 
@@ -69,6 +70,7 @@ class RunningBatch:
         row = seq.row
         assert self.seqs[row] is seq, f"{seq.request_id} is not running"
         self.seqs[row], seq.row = None, None
+        self.epoch[row] += 1
         self.free_rows.append(row)
         if seq.adapter_id is not None:
             self.adapters[seq.adapter_id] -= 1

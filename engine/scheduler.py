@@ -180,11 +180,14 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's KV and put it first in line; it is recomputed from its tokens later."""
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.free_kv(seq)
         seq.status = SequenceStatus.WAITING
-        seq.preemptions += 1
-        self.preemptions += 1
         self.waiting.appendleft(seq)
         self.waiting_per_adapter[seq.adapter_id] += 1
 
@@ -196,7 +199,10 @@ class Scheduler:
         if is_prefill:
             self.max_batched_tokens = max(1, min(self.max_batched_tokens, sum(s.num_tokens for s in batch) // 2))
         for seq in reversed(batch if is_prefill else batch[self.max_num_seqs:]):
-            self.preempt(seq)
+            if is_prefill:   # a prefill that never ran is put back as it was (its prompt not yet counted)
+                self._requeue(seq)
+            else:
+                self.preempt(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

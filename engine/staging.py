@@ -60,10 +60,15 @@ class Staging:
         self._last_key, self._last_views = (tuple(specs.items()), self.host.data_ptr()), (hosts, devs, offset)
         return hosts, devs
 
+    @property
+    def words(self) -> int:
+        """Words the last layout (views) spans."""
+        return self._last_views[2]
+
     def send(self, words: int | None = None) -> None:
-        """Copy the first `words` words (all of them by default) to the device (nothing to do on CPU)."""
+        """Copy the first `words` words (the last layout's by default) to the device (nothing to do on CPU)."""
         if self.on_cuda:
-            words = self.host.numel() if words is None else words
+            words = self.words if words is None else words
             self.dev[:words].copy_(self.host[:words], non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
@@ -77,5 +82,5 @@ class Staging:
         hosts, devs = self.views(specs)
         for name, array in arrays.items():
             hosts[name][...] = array
-        self.send(self._last_views[2])   # the words the layout spans
+        self.send()
         return devs

@@ -69,6 +69,9 @@ class Tokenizer:
     @property
     def prefix_token_id(self) -> int:
         """What an empty context is encoded as: BOS, or EOS where the model has no BOS (as the harness does)."""
+        if self.bos_token_id is None and not self.eos_token_ids:
+            raise ValueError("the model has neither a BOS nor an EOS token to stand for an empty prompt: give the "
+                             "scored row a prompt")
         return self.bos_token_id if self.bos_token_id is not None else min(self.eos_token_ids)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

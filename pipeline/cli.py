@@ -12,7 +12,7 @@ import logging
 import sys
 
 from engine.config import EngineConfig
-from pipeline.batch_export import ExportError, export_openai_batch
+from pipeline.formats.batch_export import ExportError, export_openai_batch
 from pipeline.plan import AdapterShard
 from pipeline.results import OutputUnavailable, OutputWriteError
 from pipeline.run import RunNotStarted, plan_run, run_requests
@@ -102,7 +102,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from pipeline.report import report   # here: matplotlib would double the start-up of every run and plan
+    from pipeline.evaluation.report import report   # here: matplotlib would double the start-up of every run and plan
     try:
         chart = report(args.root, args.date, args.png)
     except FileNotFoundError as e:   # no metrics (or none for that date): one line, no traceback

@@ -11,8 +11,8 @@ import pyarrow as pa
 from engine.adapters import ADAPTER_ID
 from engine.request import MAX_LOGPROBS, Request, RequestOutput, SamplingParams
 from pipeline.bad_values import int64_overflow_rows, invalid_rows, null_rows
-from pipeline.batch_files import read_batch_file
-from pipeline.chat import message_problems
+from pipeline.formats.batch_files import read_batch_file
+from pipeline.formats.chat import message_problems
 from pipeline.schema import PARTITION_COLUMN, REQUEST_COLUMNS, RESULT_SCHEMA, TableError
 from pipeline.storage import filesystem, read_parquet, visible_files
 
@@ -163,7 +163,7 @@ class ParsedRequests:
     rejected: list[RequestOutput] = field(default_factory=list)    # one error row per bad row
     duplicates: list[str] = field(default_factory=list)            # request_ids seen again (no row)
     pass_through: PassThrough = field(default_factory=PassThrough)
-    messages: dict[str, list[dict]] = field(default_factory=dict)  # request_id -> its chat (pipeline/chat.py)
+    messages: dict[str, list[dict]] = field(default_factory=dict)  # request_id -> its chat (pipeline/formats/chat.py)
 
 
 def parse_requests(table: pa.Table, default_max_new_tokens: int) -> ParsedRequests:

@@ -6,16 +6,14 @@ them. Each shard is rewritten atomically (pipeline.storage.publish), so a crash 
 readable and at worst a request with two rows for a while: every run starts by superseding those (they can
 only come from a retry), so a crashed retry, resumed with or without `--retry-errors`, ends with one row per
 request_id. Rewrites only ever remove rows that have a better one: nothing that is needed is lost."""
-import io
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.results import ResultStore
-from pipeline.storage import join, publish
+from pipeline.storage import join, parquet_bytes, publish, read_parquet
 
 
 @dataclass
@@ -46,8 +44,7 @@ def supersede(store: ResultStore, request_ids: set[str], log: logging.Logger) ->
     best: dict[str, tuple] = {}
     rows: list[tuple[str, tuple, str, int]] = []    # (request_id, rank, shard path, row index)
     for order, path in enumerate(store.shard_paths()):
-        with store.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["request_id", "finish_reason", "completed_at"])
+        table = read_parquet(store.fs, path, ["request_id", "finish_reason", "completed_at"])
         for i, (rid, reason, at) in enumerate(zip(*(c.to_pylist() for c in table.columns))):
             if rid in request_ids:
                 rank = (reason != "error", at.timestamp() if at else 0.0, order, i)
@@ -58,13 +55,10 @@ def supersede(store: ResultStore, request_ids: set[str], log: logging.Logger) ->
         if rank != best[rid]:
             drop[path].add(i)
     for path, indices in drop.items():
-        with store.fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = read_parquet(store.fs, path)
         kept = table.filter(pa.array([i not in indices for i in range(table.num_rows)]))
         if kept.num_rows:
-            sink = io.BytesIO()
-            pq.write_table(kept, sink)
-            publish(store.fs, path, sink.getvalue(), join(store.root, "_tmp"))
+            publish(store.fs, path, parquet_bytes(kept), join(store.root, "_tmp"))
         else:
             store.fs.rm_file(path)
     removed = sum(len(i) for i in drop.values())

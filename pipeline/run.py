@@ -19,7 +19,7 @@ from engine.model_runner import pool_geometry
 from engine.request import Request, RequestOutput
 from engine.scoring import encode_request
 from engine.tokenizer import Tokenizer
-from pipeline.chat import ChatError, ChatPrompts
+from pipeline.formats.chat import ChatError, ChatPrompts
 from pipeline.plan import AdapterShard, Plan, PlanBudget, PlanItem, plan_waves
 from pipeline.preflight import adapter_root_problem, output_as_found
 from pipeline.progress import Failures, GenerationProgress, per_second
@@ -165,7 +165,7 @@ def _tokenize(config: EngineConfig, tokenizer: Tokenizer, parsed: ParsedRequests
             if r.is_scored:
                 r.continuation_token_ids = continuation
             ready.append(r)
-        except ChatError as e:
+        except (ChatError, ValueError) as e:   # a template that fails; an empty prompt with nothing to stand for it
             parsed.rejected.append(RequestOutput.failed(r, str(e)))
     parsed.requests = ready
     return {r.request_id: len(r.prompt_token_ids) + len(r.continuation_token_ids or ()) for r in ready}

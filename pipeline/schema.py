@@ -47,9 +47,9 @@ REQUEST_COLUMNS = {
     "seed": (pa.types.is_integer, pa.int64(), "integer"),
     # a plain string is taken as a one-element stop list, as vLLM's `stop` accepts both
     "stop": (lambda t: _is_list_of(t, _is_string) or _is_string(t), pa.list_(pa.string()), "list of strings"),
-    # a chat instead of a prompt, rendered with the chat template (pipeline/chat.py)
+    # a chat instead of a prompt, rendered with the chat template (pipeline/formats/chat.py)
     "messages": (_is_messages, MESSAGES, "list of {role: string, content: string}"),
-    # why a line of a batch file cannot be a request (pipeline/batch_files.py); the row fails with it
+    # why a line of a batch file cannot be a request (pipeline/formats/batch_files.py); the row fails with it
     "input_error": (_is_string, pa.string(), "string"),
     # scored rows (engine/scoring.py) and per-token log-probs
     "continuation": (_is_string, pa.string(), "string"),

@@ -1,5 +1,6 @@
 """fsspec helpers: one place that knows how to list, read, publish and exclusively create files on any storage."""
 import os
+import posixpath
 import uuid
 
 import fsspec
@@ -115,3 +116,11 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
         if "PreconditionFailed" in str(e) or "412" in str(e):
             raise FileExistsError(path) from e
         raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """A whole file at any fsspec URL, its folder made if need be (for files no reader sees half-written: charts)."""
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)

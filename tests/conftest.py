@@ -65,7 +65,7 @@ def llama_fleet(tmp_path_factory) -> Fleet:
 
 @dataclass
 class DemoNights:
-    result: object            # pipeline.demo.DemoResult
+    result: object            # pipeline.demo.nights.DemoResult
     printed: str              # what the demo printed
     dagster_home: Path        # the instance its nights were materialized into
 
@@ -77,7 +77,7 @@ def demo_nights(tmp_path_factory) -> DemoNights:
     from rich.console import Console
 
     from dagster_project.demo import dagster_nights
-    from pipeline.demo import run_demo
+    from pipeline.demo.nights import run_demo
     root = tmp_path_factory.mktemp("demo")
     console = Console(record=True, width=160)
     result = run_demo(str(root / "data"), "small", console=console,

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.batch_export import ExportError, export_openai_batch
 from pipeline.cli import main
+from pipeline.formats.batch_export import ExportError, export_openai_batch
 from pipeline.requests import parse_requests, read_request_table
 from pipeline.schema import RESULT_SCHEMA, TableError
 

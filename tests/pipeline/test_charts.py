@@ -5,8 +5,8 @@ import random
 import matplotlib.pyplot as plt
 import polars as pl
 
-from pipeline.charts import LINE_CHART_MAX, REGRESSED_SHOWN, night_chart, night_figure
-from pipeline.metrics import compare_with_previous
+from pipeline.evaluation.charts import LINE_CHART_MAX, REGRESSED_SHOWN, night_chart, night_figure
+from pipeline.evaluation.metrics import compare_with_previous
 
 MARGIN = 0.05
 DATES = ["2026-03-01", "2026-03-02"]

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.tokenizer import Tokenizer
-from pipeline.chat import ChatError, ChatPrompts, message_problems
+from pipeline.formats.chat import ChatError, ChatPrompts, message_problems
 from pipeline.run import plan_run, run_requests
 from tests.checkpoints import CHATML_TEMPLATE, build_tokenizer
 

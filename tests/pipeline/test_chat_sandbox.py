@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine.tokenizer import Tokenizer
-from pipeline.chat import MAX_TIMEOUTS, ChatError, ChatTemplate
-from pipeline.chat_sandbox import RenderLimits
+from pipeline.formats.chat import MAX_TIMEOUTS, ChatError, ChatTemplate
+from pipeline.formats.chat_sandbox import RenderLimits
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi <b>there</b> é "},
          {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Again"}]

@@ -5,7 +5,7 @@ import math
 import polars as pl
 import pytest
 
-from pipeline.metrics import compare_with_previous, compute_adapter_metrics, score_groups
+from pipeline.evaluation.metrics import compare_with_previous, compute_adapter_metrics, score_groups
 
 COLUMNS = {"request_id": pl.String, "adapter_id": pl.String, "output_text": pl.String, "output_tokens": pl.Int32,
            "finish_reason": pl.String, "continuation_logprob": pl.Float64, "continuation_tokens": pl.Int32,

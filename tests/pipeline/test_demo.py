@@ -4,8 +4,8 @@ metrics (the session's `demo_nights`, tests/conftest.py: a minute or two on 2 CP
 import polars as pl
 import pytest
 
-from pipeline.demo import ADAPTERS, SWAPPED, next_steps
-from pipeline.metrics import read_metrics, score_groups
+from pipeline.demo.nights import ADAPTERS, SWAPPED, next_steps
+from pipeline.evaluation.metrics import read_metrics, score_groups
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import polars as pl
 import pytest
 from sacrebleu.metrics import CHRF
 
+from pipeline.evaluation.metrics import compare_with_previous, compute_adapter_metrics, nightly_metrics
 from pipeline.layout import metrics_url, results_url
-from pipeline.metrics import compare_with_previous, compute_adapter_metrics, nightly_metrics
 
 
 def results_table(rows: list[tuple]) -> pl.DataFrame:

@@ -2,9 +2,9 @@ import polars as pl
 import pytest
 from rich.console import Console
 
+from pipeline.evaluation.metrics import nightly_metrics
+from pipeline.evaluation.report import report
 from pipeline.layout import results_url
-from pipeline.metrics import nightly_metrics
-from pipeline.report import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

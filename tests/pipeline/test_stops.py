@@ -3,6 +3,7 @@ SIGHUP with 143, 130 and 129; an interrupt inside Dagster with its own exception
 (and commits those that finished), releases the lock, says one line, and a rerun finishes every request
 exactly once. An output that cannot be written at all is refused with exit 2 before any work."""
 import errno
+import gc
 import json
 import os
 import random
@@ -115,6 +116,14 @@ def tiny_tmpfs(tmp_path):
 
 
 def remount(mount, options: str) -> None:
+    """Remount the tmpfs. A file open for writing makes a read-only remount fail (EBUSY): a failed run's file
+    objects may wait for the collector in a long test session, and a running process writes shards now and
+    then, so after a failure collect, and try again at once (a few ms a try) until one lands between writes."""
+    for attempt in range(200):
+        if subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], capture_output=True).returncode == 0:
+            return
+        if attempt == 0:
+            gc.collect()
     subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
 
 
@@ -133,8 +142,9 @@ def test_a_real_full_disk_and_a_read_only_one(tiny_fleet, requests_path, tiny_tm
     assert capsys.readouterr().err.strip() == f"lorafleet: error: cannot write {out}: Read-only file system"
 
     remount(tiny_tmpfs, "rw,size=4m")                                # read-only mid-run: a real process, whose lock
-    proc = lorafleet(*args)                                          # the read-only disk keeps; the rerun takes it
-    wait_for_first_shard_after(out, full, proc)                      # over, as its holder is gone
+    slow = args + ["--max-num-seqs", "1"]                            # the read-only disk keeps; the rerun takes it
+    proc = lorafleet(*slow)                                          # over, as its holder is gone. One sequence at a
+    wait_for_first_shard_after(out, full, proc)                      # time: the run outlasts the remount
     remount(tiny_tmpfs, "ro")
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 3, stderr

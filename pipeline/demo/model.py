@@ -1,5 +1,5 @@
 """The demo's model: a tiny Llama with a word-level tokenizer, pretrained on copying, and LoRA
-adapters trained with PEFT on the synthetic tasks of pipeline.demo_tasks.
+adapters trained with PEFT on the synthetic tasks of pipeline.demo.tasks.
 
 Pretraining on `copy` gives the base the attention structure the tasks share (find the words,
 emit them, stop), so each LoRA adapter only has to learn its own twist in a few seconds on a CPU.
@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from pipeline.demo_tasks import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, VOCAB, examples
+from pipeline.demo.tasks import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, VOCAB, examples
 
 # peft calls a transformers method that transformers 5 deprecates; nothing for a demo user to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

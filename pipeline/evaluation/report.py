@@ -1,15 +1,12 @@
 """`lorafleet report`: one night's per-adapter table in the terminal and a chart of scores over the nights."""
-import posixpath
-
-import fsspec
 import polars as pl
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.charts import night_chart
-from pipeline.metrics import read_metrics, score_unscored_nights
-from pipeline.storage import join
+from pipeline.evaluation.charts import night_chart
+from pipeline.evaluation.metrics import read_metrics, score_unscored_nights
+from pipeline.storage import join, write_bytes
 
 # score -> its (header, cell of a metrics row) columns in the night's table
 LIKELIHOOD_COLUMNS = {
@@ -62,7 +59,7 @@ def metrics_table(night: pl.DataFrame) -> Table:
 
 def report(root: str, date: str | None = None, out_png: str | None = None, *, margin: float = 0.05,
            storage_options: dict | None = None, console: Console | None = None) -> str:
-    """Print the table for `date` (default: the latest night) and write its chart (pipeline.charts) to
+    """Print the table for `date` (default: the latest night) and write its chart (pipeline.evaluation.charts) to
     `out_png` (default `<root>/metrics/scores.png`, any fsspec URL). Nights with results but no metrics
     are scored first. Returns the chart's path."""
     score_unscored_nights(root, margin=margin, storage_options=storage_options)
@@ -76,12 +73,14 @@ def report(root: str, date: str | None = None, out_png: str | None = None, *, ma
         raise FileNotFoundError(f"no metrics for {date} under {root.rstrip('/')}/metrics (nights: {nights})")
     (console or Console()).print(metrics_table(night))
     out_png = out_png or join(root, "metrics", "scores.png")
-    write_bytes(out_png, night_chart(metrics.filter(pl.col("date") <= date), date, margin), storage_options)
+    write_night_chart(root, date, out_png, margin, storage_options)
     return out_png
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+def write_night_chart(root: str, date: str, url: str, margin: float, storage_options: dict | None = None) -> bytes:
+    """Write the chart of night `date` (pipeline.evaluation.charts, from the metrics of every night up to it) to
+    `url` (any fsspec URL); returns the PNG."""
+    history = read_metrics(join(root, "metrics"), storage_options).filter(pl.col("date") <= date)
+    png = night_chart(history, date, margin)
+    write_bytes(url, png, storage_options)
+    return png

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator
 
 from engine.tokenizer import Tokenizer
-from pipeline.batch_files import CHAT
+from pipeline.formats.batch_files import CHAT
 from pipeline.results import ResultStore
 from pipeline.storage import filesystem, publish, read_parquet
 

@@ -8,7 +8,7 @@ import io
 import matplotlib
 import polars as pl
 
-from pipeline.metrics import HIGHER_IS_BETTER, SCORE_SCALE, SCORES, worsening
+from pipeline.evaluation.metrics import HIGHER_IS_BETTER, SCORE_SCALE, SCORES, worsening
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402

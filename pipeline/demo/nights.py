@@ -10,7 +10,7 @@
    on its own task, and the base model (null adapter_id) on every task, each generated and as
    multiple-choice questions (the right answer among other tasks' answers, scored by log-likelihood).
 4. Run each night: by default the pipeline's calls (pipeline.run.run_requests, then
-   pipeline.metrics.nightly_metrics, as Dagster's `generations` and `adapter_metrics` make them); `make demo`
+   pipeline.evaluation.metrics.nightly_metrics, as Dagster's `generations` and `adapter_metrics` make them); `make demo`
    materializes the night's partition in Dagster instead (dagster_project.demo). Before the last night the
    `sort` adapter is republished from a short training run, as a deployment that ships a bad checkpoint
    would; the metrics must flag it.
@@ -32,11 +32,11 @@ from peft import LoraConfig
 from rich.console import Console
 
 from engine.config import EngineConfig
-from pipeline.demo_model import build_base_model, build_tokenizer, save_base_model, train, train_adapter
-from pipeline.demo_tasks import EOS, choice_examples, examples
+from pipeline.demo.model import build_base_model, build_tokenizer, save_base_model, train, train_adapter
+from pipeline.demo.tasks import EOS, choice_examples, examples
+from pipeline.evaluation.metrics import nightly_metrics
+from pipeline.evaluation.report import report
 from pipeline.layout import nights_before_today, requests_url, results_url
-from pipeline.metrics import nightly_metrics
-from pipeline.report import report
 from pipeline.run import run_requests
 from pipeline.storage import join
 
@@ -227,6 +227,3 @@ def next_steps(result: DemoResult, root_arg: str) -> list[str]:
             f"    .venv/bin/lorafleet report {root_arg} --date {result.dates[0]}   # nights: {', '.join(result.dates)}",
             f"the nights in Dagster: {'' if in_repo else f'LORAFLEET_ROOT={result.root} '}make ui"]
 
-
-if __name__ == "__main__":
-    main()

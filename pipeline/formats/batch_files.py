@@ -19,7 +19,7 @@ import json
 import pyarrow as pa
 
 from engine.adapters import ADAPTER_ID
-from pipeline.chat import message_problems
+from pipeline.formats.chat import message_problems
 from pipeline.schema import REQUEST_COLUMNS, TableError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -75,6 +75,8 @@ def _json_object(line: bytes) -> dict:
         raise LineError("not UTF-8 text") from None
     except ValueError as e:
         raise LineError(f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise LineError("nested too deeply to read: flatten the line's JSON") from None
     if not isinstance(record, dict):
         raise LineError(f"a JSON {type(record).__name__}, not an object with custom_id, url and body")
     return record

@@ -5,7 +5,7 @@ The template: an adapter directory's own, for that adapter's rows (PEFT saves on
 tokenizer), else the base checkpoint's. In a directory, `chat_template.jinja` (and named ones in
 `additional_chat_templates/*.jinja`) come before `chat_template` in tokenizer_config.json (a string, or a
 list of {name, template}); of several, the one named `default` is used. Templates run in
-pipeline.chat_sandbox; a template that fails, or a checkpoint without one, fails the rows that need it.
+pipeline.formats.chat_sandbox; a template that fails, or a checkpoint without one, fails the rows that need it.
 
 Control tokens typed into a message are text: before rendering, each control token inside a message (the
 tokenizer's special tokens, and any added token the template itself writes) is wrapped in two private-use
@@ -13,18 +13,20 @@ characters that occur nowhere else; the rendered prompt is split at them, and th
 with added tokens spelled out as ordinary text. A prompt without such text is encoded in one piece, so its
 ids are exactly those of transformers' `apply_chat_template(..., tokenize=True)`.
 """
+import json
+import os
 import re
 
 import jinja2
 
-from engine.loader import read_json
 from engine.tokenizer import Tokenizer, token_content
-from pipeline.chat_sandbox import RenderLimits, TemplateBoundExceeded, TemplateTimeout, compile_template, render
+from pipeline.formats.chat_sandbox import RenderLimits, TemplateBoundExceeded, TemplateTimeout, compile_template, render
 from pipeline.storage import filesystem, join
 
 TEMPLATE_FILE = "chat_template.jinja"
 NAMED_TEMPLATES = "additional_chat_templates"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+FILE_MAX_BYTES = 1 << 20   # a template file or tokenizer_config.json is never larger
 MAX_TIMEOUTS = 3        # a template past its time bound on this many rows is not tried on the rest of the run
 
 
@@ -47,18 +49,40 @@ def message_problems(messages) -> list[str]:
     return problems
 
 
-def read_chat_templates(dir_url: str, storage_options: dict | None = None) -> tuple[dict[str, str], dict[str, str]]:
+def _read_small(fs, path: str, inside: str | None) -> bytes | None:
+    """A file of a checkpoint or adapter directory (None when missing), at most FILE_MAX_BYTES; with `inside`
+    (an adapter root on a local disk) only a file that resolves inside it: a symlink out of it is refused."""
+    if not fs.isfile(path):
+        return None
+    if inside is not None and "file" in fs.protocol:
+        real_root = os.path.realpath(inside)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise ChatError(f"{path} leads out of the adapter root {inside}: put the file itself in the adapter's "
+                            "folder")
+    with fs.open(path, "rb") as f:
+        raw = f.read(FILE_MAX_BYTES + 1)
+    if len(raw) > FILE_MAX_BYTES:
+        raise ChatError(f"{path} is over {FILE_MAX_BYTES >> 20} MiB: no chat template or tokenizer config is")
+    return raw
+
+
+def read_chat_templates(dir_url: str, storage_options: dict | None = None,
+                        inside: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """({name: template}, the special-token variables bos_token, eos_token, ...) of a checkpoint or adapter
-    directory; no templates when it has none. Raises ChatError when its files cannot be read."""
+    directory; no templates when it has none. `inside`: the adapter root an adapter's files must stay in.
+    Raises ChatError when its files cannot be read."""
     try:
         fs, root = filesystem(dir_url, storage_options)
-        config = read_json(join(dir_url, "tokenizer_config.json"), storage_options, missing_ok=True) or {}
+        raw_config = _read_small(fs, join(root, "tokenizer_config.json"), inside)
+        config = json.loads(raw_config) if raw_config is not None else {}
         templates = {}
-        if fs.isfile(join(root, TEMPLATE_FILE)):
-            templates["default"] = fs.cat_file(join(root, TEMPLATE_FILE)).decode("utf-8")
+        if (default := _read_small(fs, join(root, TEMPLATE_FILE), inside)) is not None:
+            templates["default"] = default.decode("utf-8")
         for path in sorted(fs.glob(join(root, NAMED_TEMPLATES, "*.jinja"))):
-            templates[path.rsplit("/", 1)[-1].removesuffix(".jinja")] = fs.cat_file(path).decode("utf-8")
-    except (OSError, ValueError) as e:      # unreadable files, bad JSON, bad UTF-8
+            templates[path.rsplit("/", 1)[-1].removesuffix(".jinja")] = _read_small(fs, path, inside).decode("utf-8")
+    except ChatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable files, bad JSON, bad UTF-8, JSON nested too deeply
         raise ChatError(f"cannot read the chat template in {dir_url} ({type(e).__name__}: {e}): "
                         "fix its files") from None
     if not isinstance(config, dict):
@@ -87,6 +111,9 @@ class ChatTemplate:
                             "fix the template") from None
         except TemplateBoundExceeded as e:
             raise ChatError(f"the chat template of {where} {e} while compiling: fix the template") from None
+        except Exception as e:  # noqa: BLE001 - e.g. RecursionError on deep nesting: the rows fail, not the run
+            raise ChatError(f"the chat template of {where} does not compile ({type(e).__name__}): "
+                            "fix the template") from None
         added = tokenizer.added_tokens
         control = sorted((t for t, (_, special) in added.items() if special or (t in source and not t.isspace())),
                          key=len, reverse=True)
@@ -143,9 +170,10 @@ class ChatTemplate:
 
 def _markers(texts: list[str]) -> tuple[str, str]:
     """Two private-use characters that occur in none of the texts."""
+    used = set().union(*map(set, texts))
     for code in range(0xE000, 0xF8FF, 2):
         pair = chr(code), chr(code + 1)
-        if not any(c in t for t in texts for c in pair):
+        if not used.intersection(pair):
             return pair
     raise ChatError("the messages use every private-use character (U+E000-U+F8FF) and a control token: "
                     "remove the control token from the message")
@@ -186,7 +214,8 @@ class ChatPrompts:
 
     def _adapter_template(self, adapter_id: str) -> ChatTemplate | ChatError | None:
         try:
-            templates, variables = read_chat_templates(join(self.adapters_url, adapter_id), self.storage_options)
+            templates, variables = read_chat_templates(join(self.adapters_url, adapter_id), self.storage_options,
+                                                       inside=filesystem(self.adapters_url, self.storage_options)[1])
         except ChatError as e:
             return e
         where = f"adapter {adapter_id}"

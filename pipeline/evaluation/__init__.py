@@ -1,0 +1,1 @@
+"""Scoring a night's results per adapter (`metrics`), its terminal table (`report`) and charts (`charts`)."""
