@@ -98,13 +98,15 @@ def test_rows_whose_logits_are_not_finite_fail_alone(llama_fleet, tmp_path):
             for a in (None, "fine") for kind, params in (("greedy", dict(max_new_tokens=6)), ("sampled", sampled))]
     bad = [Request("huge-greedy", "huge", prompt_token_ids=[5, 9]),
            Request("huge-sampled", "huge", prompt_token_ids=[7, 9, 2], sampling=SamplingParams(**sampled),
-                   logprobs=2)]                          # no log-probs to record for a row that fails
+                   logprobs=2),                          # no log-probs to record for a row that fails
+           Request("huge-scored", "huge", prompt_token_ids=[7, 9], continuation_token_ids=[3, 4])]
     alone = run(engine, *good)
     mixed = run(engine, *(good[:2] + bad + good[2:]))
     for request in bad:
         out = mixed[request.request_id]
         assert out.finish_reason == "error" and out.output_token_ids == []
-        assert "non-finite logits (NaN or Inf) at output token 1: adapter 'huge'" in out.error
+        where = "scoring its continuation" if request.continuation_token_ids else "at output token 1"
+        assert f"non-finite logits (NaN or Inf) {where}: adapter 'huge'" in out.error
     assert {rid: o.output_token_ids for rid, o in mixed.items() if not rid.startswith("huge")} == \
         {rid: o.output_token_ids for rid, o in alone.items()}
     assert all(o.error is None and o.output_tokens == 6 for o in alone.values())

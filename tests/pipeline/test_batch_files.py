@@ -88,6 +88,7 @@ def test_lines_map_to_request_columns():
     (line("x", messages=[{"role": "user", "content": "x", "name": "bob"}]), "give objects with role and content"),
     (line("x", messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "only text content parts"),
     (line("x", model="org/model", messages=GREETING), "neither an adapter name nor the base model's name"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read"),
 ])
 def test_a_bad_line_fails_alone_naming_its_line(bad, error):
     url = write(memory_url(), [line("good", messages=GREETING), bad, line("after", COMPLETIONS, prompt="w1")])

@@ -114,12 +114,23 @@ def test_an_adapter_with_its_own_template_uses_it(chat_fleet):
 
 
 def test_an_adapter_with_unreadable_template_files_fails_its_rows_only(chat_fleet, tmp_path):
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "tokenizer_config.json").write_text("{not json")
+    adapters = tmp_path / "adapters"
+    for name in ("broken", "deep", "nested", "escapes", "huge"):
+        (adapters / name).mkdir(parents=True)
+    (adapters / "broken" / "tokenizer_config.json").write_text("{not json")
+    (adapters / "deep" / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (adapters / "nested" / "chat_template.jinja").write_text("{{" + "(" * 20_000 + "1" + ")" * 20_000 + "}}")
+    (tmp_path / "elsewhere.jinja").write_text("{{ messages }}")
+    (adapters / "escapes" / "chat_template.jinja").symlink_to(tmp_path / "elsewhere.jinja")
+    (adapters / "huge" / "chat_template.jinja").write_text("x" * (2 << 20))
     model = chat_fleet["llama3"]
-    prompts = ChatPrompts(Tokenizer(str(model)), str(model), str(tmp_path))
-    with pytest.raises(ChatError, match=r"cannot read the chat template in .*broken \(JSONDecodeError"):
-        prompts.token_ids(CONVERSATIONS[0], "broken")
+    prompts = ChatPrompts(Tokenizer(str(model)), str(model), str(adapters))
+    for adapter, error in [("broken", r"cannot read the chat template in .*broken \(JSONDecodeError"),
+                           ("deep", r"cannot read the chat template in .*deep \(RecursionError"),
+                           ("nested", r"the chat template of adapter nested does not compile"),
+                           ("escapes", r"leads out of the adapter root"), ("huge", r"is over 1 MiB")]:
+        with pytest.raises(ChatError, match=error):
+            prompts.token_ids(CONVERSATIONS[0], adapter)
     assert prompts.token_ids(CONVERSATIONS[0], None)
 
 
