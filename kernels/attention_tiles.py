@@ -1,7 +1,37 @@
-"""What the attention kernels share, as Triton functions (inlined where called): a tile of K/V read from the
-paged cache, and one step of flash attention's online softmax."""
+"""What the attention kernels share: as Triton functions (inlined where called), a tile of queries read and
+its output written, a tile of K/V read from the paged cache, and one step of flash attention's online softmax;
+and the host-side checks of a paged cache's arguments."""
+import torch
 import triton
 import triton.language as tl
+
+
+def check_paged_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, batch: int) -> None:
+    """q [T, Hq, D] and a paged K/V cache [num_pages, block_size, Hkv, D] with `batch` sequences' block tables
+    int32 [batch, max_blocks] and context lengths int32 [batch], as the paged kernels take them."""
+    n_heads, head_dim = q.shape[1:]
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.stride(2) == 1
+    assert k_cache.dtype == v_cache.dtype == q.dtype and k_cache.shape == v_cache.shape
+    assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert n_heads % k_cache.shape[2] == 0
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
+    assert block_tables.is_contiguous() and context_lens.dtype == torch.int32 and context_lens.shape == (batch,)
+
+
+@triton.jit
+def query_tile(q_ptr, rows, row_mask, head, stride_qt, stride_qh, dims, dim_mask):
+    """Queries [M, D] of one head at token rows `rows` (int64 [M, 1]: rows x stride may pass 2**31)."""
+    return tl.load(q_ptr + rows * stride_qt + head * stride_qh + dims[None, :],
+                   mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@triton.jit
+def store_output_tile(out_ptr, rows, row_mask, head, stride_ot, stride_oh, dims, dim_mask, acc, l_i):
+    """The attention output acc / l_i [M, D] of one head, at token rows `rows` as query_tile reads them."""
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + rows * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
 @triton.jit

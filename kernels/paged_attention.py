@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import online_softmax_step, paged_kv_tile
+from kernels.attention_tiles import check_paged_cache, online_softmax_step, paged_kv_tile
 
 
 def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -131,12 +131,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     batch, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = k_cache.shape
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.stride(2) == 1
-    assert k_cache.dtype == v_cache.dtype == q.dtype and k_cache.shape == v_cache.shape
-    assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    assert n_heads % n_kv_heads == 0
-    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
-    assert block_tables.is_contiguous() and context_lens.dtype == torch.int32 and context_lens.shape == (batch,)
+    check_paged_cache(q, k_cache, v_cache, block_tables, context_lens, batch)
     out = torch.empty_like(q)
     if batch == 0:
         return out

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import online_softmax_step, paged_kv_tile
+from kernels.attention_tiles import (check_paged_cache, online_softmax_step, paged_kv_tile, query_tile,
+                                    store_output_tile)
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -58,9 +59,8 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr,
     q_pos = n_ctx - n_new + q_idx                                                  # positions in the sequence
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
-    q_rows = (q_start + q_idx).to(tl.int64)[:, None]   # int64: rows x stride may pass 2**31
-    q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + dims[None, :],
-                mask=q_mask[:, None] & dim_mask[None, :], other=0.0)               # [M, D]
+    q_rows = (q_start + q_idx).to(tl.int64)[:, None]
+    q = query_tile(q_ptr, q_rows, q_mask, head, stride_qt, stride_qh, dims, dim_mask)  # [M, D]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -73,9 +73,8 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_ptr,
                              dims, dim_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
         m_i, l_i, acc = online_softmax_step(q, k, v, pos[None, :] <= q_pos[:, None], m_i, l_i, acc, qk_scale,
                                             DOT_PRECISION)
-    out = acc / l_i[:, None]                                                      # position 0 is always visible
-    tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & dim_mask[None, :])
+    # position 0 is always visible: l_i > 0
+    store_output_tile(out_ptr, q_rows, q_mask, head, stride_ot, stride_oh, dims, dim_mask, acc, l_i)
 
 
 @torch.inference_mode()
@@ -89,14 +88,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     n_tokens, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = k_cache.shape
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.stride(2) == 1
-    assert k_cache.dtype == v_cache.dtype == q.dtype and k_cache.shape == v_cache.shape
-    assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    assert n_heads % n_kv_heads == 0
     batch = cu_seqlens.shape[0] - 1
+    check_paged_cache(q, k_cache, v_cache, block_tables, context_lens, batch)
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.is_contiguous()
-    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == batch
-    assert block_tables.is_contiguous() and context_lens.dtype == torch.int32 and context_lens.shape == (batch,)
     out = torch.empty_like(q)
     if n_tokens == 0:
         return out

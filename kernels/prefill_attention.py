@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import online_softmax_step
+from kernels.attention_tiles import online_softmax_step, query_tile, store_output_tile
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -42,9 +42,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, scale, head_di
     q_mask = q_pos < seq_len
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
-    q_rows = (seq_start + q_pos).to(tl.int64)[:, None]   # int64: rows x stride may pass 2**31
-    q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + dims[None, :],
-                mask=q_mask[:, None] & dim_mask[None, :], other=0.0)               # [M, D]
+    q_rows = (seq_start + q_pos).to(tl.int64)[:, None]
+    q = query_tile(q_ptr, q_rows, q_mask, head, stride_qt, stride_qh, dims, dim_mask)  # [M, D]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -58,9 +57,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, scale, head_di
         v = tl.load(v_ptr + kv_rows * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = online_softmax_step(q, k, v, kv_pos[None, :] <= q_pos[:, None], m_i, l_i, acc, qk_scale,
                                             DOT_PRECISION)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & dim_mask[None, :])
+    store_output_tile(out_ptr, q_rows, q_mask, head, stride_ot, stride_oh, dims, dim_mask, acc, l_i)
 
 
 @torch.inference_mode()
