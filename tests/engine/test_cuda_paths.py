@@ -5,6 +5,7 @@ exist so that kind of line never again meets its first caller on a GPU.
 """
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine import Engine
 from engine.loader import load_model_args
-from engine.model_runner import pool_geometry, use_device
+from engine.model_runner import ModelRunner, pool_geometry, use_device
+from engine.staging import Staging
 
 
 class FakeCuda:
@@ -121,3 +123,47 @@ def test_decode_graphs_capture_every_bucket_with_and_without_lora(monkeypatch, l
     assert [(bs, lora) for bs, lora, _ in forwards] == steps + steps      # warm-ups, then captures
     assert all(n == 0 for *_, n in forwards[:6]) and [n for *_, n in forwards[6:]] == [1, 2, 3, 4, 5, 6]
     engine.close()
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: counts records and waits."""
+    recorded = waited = 0
+
+    def record(self):
+        FakeEvent.recorded += 1
+
+    def synchronize(self):
+        FakeEvent.waited += 1
+
+
+def host_tensors_for_cuda(monkeypatch) -> None:
+    """torch.zeros / torch.empty asked for pinned or device memory make plain CPU tensors; CUDA events are fakes."""
+    def on_host(make):
+        return lambda *args, pin_memory=False, device=None, **kwargs: make(*args, **kwargs)
+    monkeypatch.setattr(torch, "zeros", on_host(torch.zeros))
+    monkeypatch.setattr(torch, "empty", on_host(torch.empty))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.recorded = FakeEvent.waited = 0
+
+
+def test_staging_on_cuda_sends_one_copy_and_waits_for_it_before_rewriting(monkeypatch):
+    host_tensors_for_cuda(monkeypatch)
+    staging = Staging(torch.device("cuda", 0))
+    first = staging.put({"ids": np.arange(5), "temperature": np.full(3, 0.5, np.float32),
+                         "seed": np.array([-1, 2**40], np.int64)}, {"temperature": np.float32, "seed": np.int64})
+    assert staging.dev is not staging.host and FakeEvent.recorded == 1
+    assert first["ids"].tolist() == [0, 1, 2, 3, 4] and first["ids"].dtype == torch.int32
+    assert first["temperature"].tolist() == [0.5] * 3 and first["seed"].tolist() == [-1, 2**40]
+    staging.put({"ids": np.arange(5)})
+    assert FakeEvent.waited >= 1 and FakeEvent.recorded == 2       # the host buffer waited for the first copy
+
+
+def test_step_tokens_reach_the_host_through_two_pinned_buffers_in_turn(monkeypatch):
+    host_tensors_for_cuda(monkeypatch)
+    runner = SimpleNamespace(device=torch.device("cuda", 0), _host_turn=0,
+                             _host_tokens=[torch.full((8,), -9, dtype=torch.int64) for _ in range(2)])
+    first = ModelRunner._send_to_host(runner, torch.tensor([4, 5, 6]))
+    second = ModelRunner._send_to_host(runner, torch.tensor([7, 8]))
+    assert first.host.data_ptr() != second.host.data_ptr()           # the next step does not overwrite the last
+    assert first.read().tolist() == [4, 5, 6] and second.read().tolist() == [7, 8]
+    assert FakeEvent.recorded == 2 and FakeEvent.waited == 2
